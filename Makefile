@@ -1,0 +1,49 @@
+# NexFS: two commands on a fresh Debian machine.
+#   make run   install what is needed, create ./nexfs.img if absent, mount it on ./mnt
+#   make test  install what is needed, run every test (and the linters)
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+DEB_PKGS := fuse3 libfuse3-dev pkg-config gcc util-linux e2fsprogs fuse2fs fio rsync \
+            sqlite3 attr acl git tar
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test deps venv lint bench bench-quick clean
+
+deps:
+	@missing=""; for p in $(DEB_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml setup.py native/build.py native/nexfs_core.c native/nexfs_core.h
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: deps $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy nexfs valve native tests mount.py bench
+
+test: venv lint
+	$(VENV)/bin/pytest -q
+
+run: venv
+	$(PY) mount.py
+
+bench-quick: venv
+	$(PY) -m nexfs.cli bench --quick
+
+bench: venv
+	$(PY) -m nexfs.cli bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info native/_core*.so native/_core.c
