@@ -1,0 +1,794 @@
+"""The metadata store: block cache, transactions, journal policy, allocators, data path.
+
+This is what the rest of the filesystem core talks to (it implements the
+:class:`~nexfs.metastore.MetaStore` protocol and more).  One :class:`Store` per mounted
+volume.
+
+Transactions.  Every metadata change joins the single *running transaction* (``dirty`` /
+``put_new``); :meth:`Store.commit` writes it to the journal as one atomic unit (group commit:
+the filesystem commits between operations, e.g. when ``should_commit()`` says so, on fsync, or
+on a timer).  Committed blocks are written to their home locations later, by a *checkpoint*,
+after which the journal starts over.  See docs/DESIGN.md for the crash model.
+
+Rules for callers (the concurrency invariant of metastore.py applies):
+
+* call ``dirty(block)`` right after changing a block, before any other store call;
+* an operation starts with ``reserve(...)`` for its worst case, so it never fails half-way
+  with ENOSPC, and does not commit in its middle;
+* keep a transaction below ``max_txn_blocks``: check ``should_commit()`` between operations
+  and split huge operations (e.g. truncating a huge file) into several.
+
+Errors.  A CorruptionError or a device error inside the store puts it in the *error state*:
+the running transaction is discarded (the volume stays at its last commit), the superblock is
+marked ERROR with the reason (best effort), and every later mutation raises FsError(EROFS).
+Reads keep working.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar, cast
+
+from .bitmap import BPB, Bitmap
+from .blockdev import BlockDev, BlockDevice, Filler, copy_filler, write_runs
+from .cache import BlockCache
+from .itable import InodeTableBlock, first_inode_of, locate
+from .journal import Journal, max_images, scan
+from .layout import (
+    FEATURE_INCOMPAT_SUPPORTED,
+    FEATURE_RO_COMPAT_SUPPORTED,
+    INODE_SIZE,
+    INODES_PER_BLOCK,
+    STATE_BLOCK,
+    STATE_CLEAN,
+    STATE_DIRTY,
+    STATE_ERROR,
+    Geometry,
+    StateBlock,
+    Superblock,
+)
+from .metastore import (
+    BLOCK_SIZE,
+    MAGIC_BITMAP,
+    MAGIC_IBITMAP,
+    MAGIC_ISUMMARY,
+    MAGIC_SUMMARY,
+    M,
+    MetaBlock,
+)
+from .types import BlockNo, CorruptionError, FsError, InodeNo
+from .volume import Progress, format_volume, read_superblock, write_superblock
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BLOCKS = 16384
+"""Default cache budget in blocks (64 MiB of decoded metadata)."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _guarded(fn: Callable[P, R]) -> Callable[P, R]:
+    """Integrity or device failure inside a store method => error state, then re-raise.
+
+    Device errors (OSError from the valve) leave as FsError with the device's errno.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        self = cast("Store", args[0])
+        try:
+            return fn(*args, **kwargs)
+        except CorruptionError as e:
+            self.mark_error(str(e))
+            raise
+        except OSError as e:
+            self.mark_error(f"device error: {e}")
+            raise FsError(e.errno or errno.EIO, f"device error: {e}") from e
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class StatFs:
+    """Totals for statfs(2)."""
+
+    block_size: int
+    total_blocks: int
+    free_blocks: int  # includes blocks freed but not yet reusable (pending a checkpoint)
+    avail_blocks: int  # free minus blocks reserved by the operation in progress
+    total_inodes: int
+    free_inodes: int
+    avail_inodes: int
+
+
+class Reservation:
+    """Returned by :meth:`Store.reserve`; a context manager releasing the reservation."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._store.release_reservation()
+
+
+class Store:
+    """Cache + journal + allocators of one open volume.  Use :meth:`open` or :meth:`format`."""
+
+    def __init__(self, bdev: BlockDev, sb: Superblock, *, read_only: bool,
+                 cache_blocks: int) -> None:
+        self.bdev = bdev
+        self.sb = sb
+        self.geo: Geometry = sb.geo
+        self.volume_seed = sb.volume_seed
+        self._opened_read_only = read_only
+        self.error: str | None = None
+        self._closed = False
+        self._cache = BlockCache(cache_blocks)
+        self._running: dict[int, MetaBlock] = {}
+        # Committed, not yet checkpointed: home block -> (journal position of its latest
+        # image, tid of that commit).  The journal copy is what a checkpoint writes home when
+        # the decoded block is not in the cache or has changed again since.
+        self._ckpt: dict[int, tuple[int, int]] = {}
+        # Read-only open of a volume needing replay: the replayed images, never written home.
+        self._overlay: dict[int, bytes] = {}
+        self._data_unsynced = False
+        self._changes = 0
+        self._reserved_blocks = 0
+        self._reserved_inodes = 0
+        g = self.geo
+        self.journal = Journal(bdev, g.journal_start, g.journal_len, self.volume_seed,
+                               sb.journal_tid)
+        self.max_txn_blocks = max_images(g.journal_len)
+        self.committed_tid = sb.journal_tid - 1
+        self.durable_tid = self.committed_tid
+        self.blocks = Bitmap(self, name="block", magic=MAGIC_BITMAP, summary_magic=MAGIC_SUMMARY,
+                             bitmap_start=g.bbitmap_start, summary_start=g.bsummary_start,
+                             nitems=g.nblocks, first_item=g.data_start)
+        self.inodes = Bitmap(self, name="inode", magic=MAGIC_IBITMAP,
+                             summary_magic=MAGIC_ISUMMARY, bitmap_start=g.ibitmap_start,
+                             summary_start=g.isummary_start, nitems=g.ninodes + 1, first_item=1)
+        self._state: StateBlock | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @staticmethod
+    def format(dev: BlockDevice, *, label: str = "", uuid: bytes | None = None,
+               ninodes: int | None = None, progress: Progress | None = None) -> None:
+        """Write an empty volume over the whole device (see nexfs/volume.py)."""
+        format_volume(dev, label=label, uuid=uuid, ninodes=ninodes, progress=progress)
+
+    @classmethod
+    def open(cls, dev: BlockDevice, *, read_only: bool = False,
+             cache_blocks: int = DEFAULT_CACHE_BLOCKS, ignore_error: bool = False) -> Store:
+        """Open a volume: pick the superblock, replay the journal, load the state block.
+
+        Writable: the replayed journal is written home and the superblock marked DIRTY.
+        Read-only: replayed images stay in memory; nothing is written.  A volume whose
+        superblock says ERROR opens read-only with ``store.error`` set, unless
+        ``ignore_error`` (fsck).  Raises NotNexfsError / CorruptionError / FsError(EINVAL)
+        for volumes that cannot be opened.
+        """
+        bdev = BlockDev(dev)
+        sb = read_superblock(bdev)
+        unknown = sb.feature_incompat & ~FEATURE_INCOMPAT_SUPPORTED
+        if unknown:
+            raise FsError(errno.EINVAL, f"volume uses unsupported features {unknown:#x}")
+        if sb.feature_ro_compat & ~FEATURE_RO_COMPAT_SUPPORTED and not read_only:
+            raise FsError(errno.EROFS, "volume uses features this version can only read: "
+                                       "open it read-only")
+        if sb.geo.nblocks > bdev.nblocks:
+            raise CorruptionError(0, "superblock", f"volume of {sb.geo.nblocks} blocks is "
+                                                   f"larger than the device ({bdev.nblocks})")
+        error = None
+        if sb.state & STATE_ERROR and not ignore_error:
+            error = sb.error_reason or "volume marked as needing fsck"
+            log.warning("volume is marked as needing fsck (%s): opening read-only", error)
+        store = cls(bdev, sb, read_only=read_only or error is not None,
+                    cache_blocks=cache_blocks)
+        try:
+            store._recover()
+            store._state = store._load_state()
+            if not store.read_only:
+                if not sb.state & STATE_CLEAN:
+                    log.info("volume was not cleanly unmounted; journal recovered")
+                sb.state = (sb.state & STATE_ERROR) | STATE_DIRTY
+                sb.mount_count += 1
+                sb.mount_time = time.time_ns()
+                store._write_sb()
+        except OSError as e:
+            raise FsError(e.errno or errno.EIO, f"device error while opening: {e}") from e
+        store.error = error
+        return store
+
+    def close(self) -> None:
+        """Commit, checkpoint, mark the superblock CLEAN: the journal is left empty.
+
+        In the error state nothing more is written.
+        """
+        if self._closed:
+            return
+        try:
+            if not self.read_only:
+                self.commit(durable=False)
+                self._checkpoint(clean=True)
+        finally:
+            self._closed = True
+
+    def abort(self) -> None:
+        """Drop the store without writing anything (as if power was cut now): the running
+        transaction is lost, the journal is replayed at the next open."""
+        self._running.clear()
+        self._closed = True
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def read_only(self) -> bool:
+        return self._opened_read_only or self.error is not None
+
+    @property
+    def state(self) -> StateBlock:
+        """The journaled state block (change fields, then ``store.dirty(store.state)``)."""
+        assert self._state is not None
+        return self._state
+
+    @property
+    def nblocks(self) -> int:
+        """Blocks in the volume (the trees use it to refuse out-of-range pointers)."""
+        return self.geo.nblocks
+
+    @property
+    def running_tid(self) -> int:
+        """The tid the running transaction will commit as."""
+        return self.journal.next_tid
+
+    @property
+    def needs_barrier(self) -> bool:
+        """True while something written (data or a commit) is not yet known durable."""
+        return self._data_unsynced or self.durable_tid < self.committed_tid
+
+    @property
+    def txn_blocks(self) -> int:
+        """Blocks in the running transaction."""
+        return len(self._running)
+
+    def change_count(self) -> int:
+        """Grows with every change to metadata (dirty, put_new, free): an operation that
+        failed without changing it left nothing half-done."""
+        return self._changes
+
+    def should_commit(self) -> bool:
+        """The running transaction is big enough to commit now (1/4 of the journal, or half
+        of the cache budget)."""
+        n = len(self._running)
+        return n >= max(1, self.geo.journal_len // 4) or n >= self._cache.capacity // 2
+
+    def _check_writable(self) -> None:
+        if self.error is not None:
+            raise FsError(errno.EROFS, f"filesystem is read-only after an error: {self.error}")
+        if self._opened_read_only:
+            raise FsError(errno.EROFS, "filesystem is mounted read-only")
+        if self._closed:
+            raise FsError(errno.EIO, "store is closed")
+
+    def mark_error(self, reason: str) -> None:
+        """Enter the error state: discard the running transaction, mark the superblock ERROR
+        (best effort) and refuse every later mutation with EROFS."""
+        if self.error is not None:
+            return
+        log.error("filesystem error, continuing read-only: %s", reason)
+        was_writable = not self._opened_read_only and not self._closed
+        self.error = reason or "unspecified error"
+        for blkno in self._running:
+            self._cache.remove(blkno)
+        dropped_state = STATE_BLOCK in self._running
+        self._running.clear()
+        self._reserved_blocks = self._reserved_inodes = 0
+        if dropped_state:
+            try:
+                self._state = self._load_state()
+            except (FsError, OSError) as e:
+                log.error("could not reload the state block: %s", e)
+        if was_writable:
+            self.sb.state |= STATE_ERROR
+            self.sb.error_reason = self.error
+            try:
+                self._write_sb()
+            except (FsError, OSError) as e:
+                log.error("could not mark the superblock ERROR: %s", e)
+
+    def clear_error(self) -> None:
+        """fsck repaired the volume: clear ERROR in the superblock (written at close)."""
+        self._check_writable()
+        self.sb.state &= ~STATE_ERROR
+        self.sb.error_reason = ""
+        self.sb.check_time = time.time_ns()
+
+    # -- metadata blocks (MetaStore protocol) -------------------------------------------------
+
+    def _meta_ok(self, blkno: int) -> bool:
+        g = self.geo
+        return (STATE_BLOCK <= blkno < g.backup_sb
+                and not g.journal_start <= blkno < g.journal_start + g.journal_len)
+
+    def _check_meta(self, blkno: int, structure: str) -> None:
+        if not self._meta_ok(blkno):
+            raise CorruptionError(blkno, structure, "block number outside the metadata area")
+
+    def _read_raw(self, blkno: int) -> memoryview:
+        """The current committed bytes of a metadata block: replay overlay, journal copy
+        (committed, not yet checkpointed) or home."""
+        img = self._overlay.get(blkno)
+        if img is not None:
+            return memoryview(img)
+        ck = self._ckpt.get(blkno)
+        if ck is not None:
+            return self.bdev.read_blocks(self.geo.journal_start + ck[0], 1)
+        return self.bdev.read_blocks(blkno, 1)
+
+    @_guarded
+    def get(self, blkno: BlockNo, decode: Callable[[BlockNo, memoryview], M]) -> M:
+        """Cached decoded block, or read + decode (which validates) + cache it."""
+        blk = self._cache.lookup(blkno)
+        if blk is not None:
+            return cast(M, blk)
+        self._check_meta(blkno, "metadata block")
+        new = decode(blkno, self._read_raw(blkno))
+        self._cache.insert(new)
+        self._cache.evict(self._running)
+        return new
+
+    def _join(self, block: MetaBlock) -> None:
+        if block.blkno not in self._running and len(self._running) >= self.max_txn_blocks:
+            self.mark_error(f"transaction exceeds the journal ({self.max_txn_blocks} blocks)")
+            raise FsError(errno.EIO, "transaction too large for the journal")
+        self._running[block.blkno] = block
+        self._changes += 1
+
+    def put_new(self, block: MetaBlock) -> None:
+        """Add a freshly built block (just allocated, never read from disk), dirty."""
+        self._check_writable()
+        self._check_meta(block.blkno, type(block).__name__)
+        self._cache.insert(block)
+        self._join(block)
+
+    def dirty(self, block: MetaBlock) -> None:
+        """The block changed in memory: it is written with the running transaction."""
+        self._check_writable()
+        if block.blkno == STATE_BLOCK:
+            if block is not self._state:
+                raise ValueError("dirty(): not the store's state block object")
+        else:
+            self._check_meta(block.blkno, type(block).__name__)
+            if self._cache.peek(block.blkno) is not block:
+                self._cache.insert(block)
+        self._join(block)
+
+    def _dirty_state(self) -> None:
+        self.dirty(self.state)
+
+    # -- transactions ------------------------------------------------------------------------
+
+    @_guarded
+    def commit(self, durable: bool = True) -> int:
+        """Write the running transaction to the journal; returns the last committed tid.
+
+        ``durable``: return only once it (and everything before) is on stable storage.  If
+        file data was written since the last barrier, it is made durable before the commit
+        block (ordered data).  With nothing to commit, ``durable`` still issues a barrier
+        when one is needed (fsync after data-only writes).
+        """
+        self._check_writable()
+        if not self._running:
+            if durable and self.needs_barrier:
+                self._barrier()
+            return self.committed_tid
+        n = len(self._running)
+        if not self.journal.fits(n):
+            self._checkpoint()
+        homes = sorted(self._running)
+        txn = self.journal.prepare(homes)
+        for i, h in enumerate(homes):
+            self._running[h].encode(txn.image(i), self.volume_seed, txn.tid)
+        data_barrier = self._data_unsynced
+        pos = self.journal.write(txn, durable=durable, data_barrier=data_barrier)
+        first_image = pos + txn.ndesc
+        for i, h in enumerate(homes):
+            self._ckpt[h] = (first_image + i, txn.tid)
+        if durable:
+            self.durable_tid = txn.tid
+        elif data_barrier:
+            self.durable_tid = self.committed_tid  # everything before this commit
+        self.committed_tid = txn.tid
+        self._data_unsynced = False
+        self.blocks.commit_pending()
+        self._running.clear()
+        self._cache.evict(self._running)
+        if len(self._ckpt) > self._cache.capacity // 2:
+            self._checkpoint()
+        return txn.tid
+
+    def sync(self) -> None:
+        """fsync/syncfs: everything done so far, data and metadata, durable."""
+        self.commit(durable=True)
+
+    def _barrier(self) -> None:
+        """Make every earlier write durable without committing anything.
+
+        The device's only barrier is a durable write, so write a zero block at the journal
+        head: the next transaction will overwrite it, and zeros never look like a
+        transaction to replay.  A completely full journal has no head block: rewrite its last
+        block (the last commit block) with its current contents instead.
+        """
+        j = self.journal
+        if j.head < j.length:
+            where, content = j.start + j.head, bytes(BLOCK_SIZE)
+        else:
+            where = j.start + j.length - 1
+            content = bytes(self.bdev.read_blocks(where, 1))
+        write_runs(self.bdev, [(where, copy_filler(content))], durable=True)
+        self._data_unsynced = False
+        self.durable_tid = self.committed_tid
+
+    @_guarded
+    def checkpoint(self) -> None:
+        """Write every committed block home and empty the journal (between operations)."""
+        self._check_writable()
+        self._checkpoint()
+
+    def _checkpoint(self, *, clean: bool = False, from_journal: bool = False) -> None:
+        """Checkpoint: committed images home, barrier, then record durably that the journal is
+        empty by writing the next tid into the superblock (primary, barrier, backup, barrier).
+
+        Crash safety: until the superblock update is durable, the old journal_tid still points
+        at the intact journal, whose replay rewrites the same images (idempotent); after it,
+        every image is home.  New transactions are written only after both copies are
+        updated, so a torn primary falling back to the backup also finds an intact journal.
+        A block in the running transaction, or not in the cache, is copied from its journal
+        image; other blocks are encoded from the cache (identical to what was committed) unless
+        ``from_journal`` (checkpoint in the middle of an operation, when a cached block may
+        already hold changes not yet passed to dirty()).
+        """
+        if self._ckpt or self.journal.head:
+            if self.durable_tid < self.committed_tid:
+                # A home block may be overwritten only once the journal copy that can
+                # restore it is durable: otherwise a crash could keep the home write and
+                # lose the (non-durable) commit that made it legitimate.
+                self._barrier()
+            items = sorted(self._ckpt.items())
+            fills: list[tuple[int, Filler]] = [
+                (h, self._ckpt_filler(h, pos, tid, from_journal)) for h, (pos, tid) in items]
+            write_runs(self.bdev, fills, durable=True)
+            self.sb.journal_tid = self.journal.next_tid
+            if clean:
+                self.sb.state = STATE_CLEAN
+            self._write_sb()
+            self.journal.reset()
+            self._ckpt.clear()
+            log.debug("checkpoint: %d blocks home, journal restarts at tid %d",
+                      len(items), self.sb.journal_tid)
+        elif clean:
+            self.sb.state = STATE_CLEAN
+            self._write_sb()
+        self.blocks.release_pending()
+        self._data_unsynced = False
+        self.durable_tid = self.committed_tid
+
+    def _ckpt_filler(self, home: int, pos: int, tid: int, from_journal: bool) -> Filler:
+        obj: MetaBlock | None
+        obj = self._state if home == STATE_BLOCK else self._cache.peek(home)
+        if obj is not None and home not in self._running and not from_journal:
+            seed = self.volume_seed
+            return lambda out: obj.encode(out, seed, tid)
+        where = self.geo.journal_start + pos
+
+        def copy_from_journal(out: memoryview) -> None:
+            out[:] = self.bdev.read_blocks(where, 1)
+
+        return copy_from_journal
+
+    def _write_sb(self) -> None:
+        if self._state is not None:
+            self.sb.free_blocks = self._state.free_blocks
+            self.sb.free_inodes = self._state.free_inodes
+        write_superblock(self.bdev, self.sb)
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Replay committed transactions from the journal (see journal.scan)."""
+        g = self.geo
+        latest: dict[int, memoryview] = {}
+        count, tid = 0, self.sb.journal_tid
+        for txn in scan(self.bdev, g.journal_start, g.journal_len, self.sb.journal_tid,
+                        self.volume_seed, self._meta_ok):
+            for i, h in enumerate(txn.homes):
+                latest[h] = txn.image(i)
+            count += 1
+            tid = txn.tid + 1
+        if not count:
+            return
+        log.info("journal replay: %d transaction(s), tids %d..%d, %d blocks",
+                 count, self.sb.journal_tid, tid - 1, len(latest))
+        self.journal.next_tid = tid
+        self.committed_tid = self.durable_tid = tid - 1
+        if self.read_only:
+            self._overlay = {h: bytes(v) for h, v in latest.items()}
+            return
+        fills = [(h, copy_filler(v)) for h, v in latest.items()]
+        write_runs(self.bdev, fills, durable=True)
+        # The superblock naming the new journal start is written by open() (it marks DIRTY
+        # in the same write); until then a crash simply replays again.
+        self.sb.journal_tid = tid
+
+    def _load_state(self) -> StateBlock:
+        return StateBlock.decode(self._read_raw(STATE_BLOCK), self.volume_seed, self.geo)
+
+    # -- reservations ------------------------------------------------------------------------
+
+    def _fits(self, nblocks: int, ninodes: int) -> bool:
+        st = self.state
+        return (st.free_blocks - self.blocks.pending_count - self._reserved_blocks >= nblocks
+                and st.free_inodes - self._reserved_inodes >= ninodes)
+
+    @_guarded
+    def reserve(self, nblocks: int, ninodes: int = 0) -> Reservation:
+        """Reserve the worst case of the coming operation, or FsError(ENOSPC) with nothing
+        changed.  Call between operations (it may commit and checkpoint to release blocks
+        freed by earlier transactions).  Use as ``with store.reserve(n): ...``."""
+        self._check_writable()
+        if not self._fits(nblocks, ninodes) and self.blocks.pending_count:
+            self.commit(durable=False)
+            self._checkpoint()
+        if not self._fits(nblocks, ninodes):
+            raise FsError(errno.ENOSPC, "no space left on device")
+        self._reserved_blocks += nblocks
+        self._reserved_inodes += ninodes
+        return Reservation(self)
+
+    def release_reservation(self) -> None:
+        """End of operation: whatever it reserved and did not use is available again."""
+        self._reserved_blocks = self._reserved_inodes = 0
+
+    # -- block allocation --------------------------------------------------------------------
+
+    def _alloc_run(self, goal: int, want: int) -> tuple[int, int]:
+        run = self.blocks.find(goal, want)
+        if run is None and self.blocks.pending:
+            # Mid-operation: committed frees can be released by a checkpoint.  Encoded
+            # copies in the cache may hold this operation's not-yet-dirtied changes, so this
+            # checkpoint copies images from the journal only.
+            self._checkpoint(from_journal=True)
+            run = self.blocks.find(goal, want)
+        if run is None:
+            raise FsError(errno.ENOSPC, "no space left on device")
+        start, n = run
+        self.blocks.set_range(start, n)
+        self.state.free_blocks -= n
+        self._dirty_state()
+        self._reserved_blocks = max(0, self._reserved_blocks - n)
+        return run
+
+    def _goal(self, goal: int | None, hint: int) -> int:
+        g = self.geo
+        if goal is None or not g.data_start <= goal < g.backup_sb:
+            goal = hint if g.data_start <= hint < g.backup_sb else g.data_start
+        return goal
+
+    @_guarded
+    def alloc_data(self, goal: BlockNo | None, count: int) -> tuple[BlockNo, int]:
+        """Allocate a contiguous run of 1..count blocks (at most 32512) at or after ``goal``
+        (first fit, wrapping), preferring the whole ``count`` in one run; ``(start, n)``."""
+        self._check_writable()
+        if count < 1:
+            raise ValueError("alloc_data: count must be >= 1")
+        start, n = self._alloc_run(self._goal(goal, self.state.data_hint), min(count, BPB))
+        self.state.data_hint = start + n
+        return BlockNo(start), n
+
+    @_guarded
+    def alloc_meta(self, goal: BlockNo | None, owner: InodeNo) -> BlockNo:
+        """Allocate one block for metadata near ``goal``; FsError(ENOSPC) when full."""
+        self._check_writable()
+        start, _ = self._alloc_run(self._goal(goal, self.state.meta_hint), 1)
+        self.state.meta_hint = start + 1
+        return BlockNo(start)
+
+    @_guarded
+    def free_blocks(self, start: BlockNo, count: int) -> None:
+        """Free blocks start..start+count-1.  They become reusable after the freeing
+        transaction has been checkpointed (pending frees; see docs/DESIGN.md)."""
+        self._check_writable()
+        g = self.geo
+        if count < 1 or start < g.data_start or start + count > g.backup_sb:
+            raise CorruptionError(start, "extent", f"freeing {count} block(s) outside the data "
+                                                   "area")
+        i, left = int(start), count
+        while left:
+            take = min(left, BPB - i % BPB)
+            self.blocks.clear_range(i, take, defer=True)
+            i += take
+            left -= take
+        self.state.free_blocks += count
+        self._dirty_state()
+
+    @_guarded
+    def free_meta(self, blkno: BlockNo) -> None:
+        """Free a metadata block: it leaves the cache and the running transaction, and is
+        reusable only after the freeing transaction is checkpointed."""
+        self._check_writable()
+        self._check_meta(blkno, "metadata block")
+        self._cache.remove(blkno)
+        self._running.pop(blkno, None)
+        self.free_blocks(blkno, 1)
+
+    @_guarded
+    def is_block_allocated(self, blkno: BlockNo) -> bool:
+        if not 0 <= blkno < self.geo.nblocks:
+            raise ValueError(f"block {blkno} outside the volume")
+        return self.blocks.is_set(blkno)
+
+    # -- inodes ------------------------------------------------------------------------------
+
+    def _check_ino(self, ino: int) -> None:
+        if not 1 <= ino <= self.geo.ninodes:
+            raise FsError(errno.EINVAL, f"inode number {ino} out of range")
+
+    def _table_block(self, ino: int) -> tuple[InodeTableBlock, int]:
+        tblk, slot = locate(self.geo.itable_start, InodeNo(ino))
+        blk = self._cache.lookup(tblk)
+        if blk is None:
+            first = first_inode_of(self.geo.itable_start, tblk)
+            if not self.inodes.count_set(first, INODES_PER_BLOCK):
+                # No inode of this block is in use: it may never have been written.
+                blk = InodeTableBlock(tblk)
+                self._cache.insert(blk)
+                self._cache.evict(self._running)
+            else:
+                blk = self.get(tblk, InodeTableBlock.decode)
+        return cast(InodeTableBlock, blk), slot
+
+    @_guarded
+    def read_inode_raw(self, ino: InodeNo) -> bytes:
+        """The 256 raw bytes of inode ``ino`` (verification is the inode codec's job)."""
+        self._check_ino(ino)
+        blk, slot = self._table_block(ino)
+        return bytes(blk.slot(slot))
+
+    @_guarded
+    def write_inode_raw(self, ino: InodeNo, raw: bytes | bytearray | memoryview) -> None:
+        """Store the 256 raw bytes of inode ``ino``; its table block joins the transaction."""
+        self._check_writable()
+        self._check_ino(ino)
+        if len(raw) != INODE_SIZE:
+            raise ValueError(f"inode image must be {INODE_SIZE} bytes")
+        blk, slot = self._table_block(ino)
+        blk.slot(slot)[:] = raw
+        self.dirty(blk)
+
+    @_guarded
+    def alloc_inode(self, goal_hint: InodeNo | None = None) -> InodeNo:
+        """Allocate a free inode (first free at or after the hint, wrapping).  Its table slot
+        is zeroed and joins the transaction, so the table block is always written once one
+        of its inodes is in use."""
+        self._check_writable()
+        goal = goal_hint or self.state.inode_hint or 1
+        run = self.inodes.find(goal, 1)
+        if run is None or self.state.free_inodes < 1:
+            raise FsError(errno.ENOSPC, "no free inodes")
+        ino = run[0]
+        blk, slot = self._table_block(ino)  # before setting the bit: may be all-free
+        self.inodes.set_range(ino, 1)
+        blk.slot(slot)[:] = bytes(INODE_SIZE)
+        self.dirty(blk)
+        st = self.state
+        st.free_inodes -= 1
+        st.inode_hint = ino + 1 if ino < self.geo.ninodes else 1
+        self._dirty_state()
+        self._reserved_inodes = max(0, self._reserved_inodes - 1)
+        return InodeNo(ino)
+
+    @_guarded
+    def free_inode(self, ino: InodeNo) -> None:
+        """Return inode ``ino`` to the free pool (reusable at once: inode numbers carry no
+        on-disk image that could be replayed over a new owner)."""
+        self._check_writable()
+        self._check_ino(ino)
+        self.inodes.clear_range(ino, 1, defer=False)
+        self.state.free_inodes += 1
+        self._dirty_state()
+
+    def next_generation(self) -> int:
+        """A fresh inode generation number (journaled in the state block)."""
+        self._check_writable()
+        st = self.state
+        gen = st.next_generation
+        st.next_generation = gen + 1 if gen < 0xFFFF_FFFF else 1
+        self._dirty_state()
+        return gen
+
+    def inode_table_block(self, ino: InodeNo) -> BlockNo:
+        """The inode table block holding inode ``ino`` (for error messages)."""
+        self._check_ino(ino)
+        return locate(self.geo.itable_start, ino)[0]
+
+    @_guarded
+    def inode_allocated(self, ino: InodeNo) -> bool:
+        self._check_ino(ino)
+        return self.inodes.is_set(ino)
+
+    # -- data path ---------------------------------------------------------------------------
+
+    def _check_data(self, blkno: int, count: int) -> None:
+        g = self.geo
+        if count < 1 or blkno < g.data_start or blkno + count > g.backup_sb:
+            raise CorruptionError(blkno, "data extent",
+                                  f"{count} block(s) outside the data area")
+
+    def alloc_buffer(self, nbytes: int) -> Any:
+        """An aligned buffer from the device, for zero-copy read_data/write_data."""
+        return self.bdev.dev.alloc_buffer(nbytes)
+
+    def read_data(self, blkno: BlockNo, count: int, into: Any = None) -> memoryview:
+        """Read file data straight from the device (no cache in this layer).
+
+        A device error is returned as FsError(errno) without entering the error state (a
+        failed read changes nothing)."""
+        try:
+            self._check_data(blkno, count)
+        except CorruptionError as e:
+            self.mark_error(str(e))
+            raise
+        try:
+            return self.bdev.read_blocks(blkno, count, into)
+        except OSError as e:
+            raise FsError(e.errno or errno.EIO, f"reading data block {blkno}: {e}") from e
+
+    @_guarded
+    def write_data(self, blkno: BlockNo, count: int, data: Any | Sequence[Any]) -> None:
+        """Write file data straight to the device (one buffer or a list: vectored).  It is
+        made durable before the next commit block (ordered data)."""
+        self._check_writable()
+        self._check_data(blkno, count)
+        self._data_unsynced = True
+        self.bdev.write_blocks(blkno, count, data)
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def statfs(self) -> StatFs:
+        st = self.state
+        g = self.geo
+        return StatFs(
+            block_size=BLOCK_SIZE, total_blocks=g.nblocks, free_blocks=st.free_blocks,
+            avail_blocks=max(0, st.free_blocks - self._reserved_blocks),
+            total_inodes=g.ninodes, free_inodes=st.free_inodes,
+            avail_inodes=max(0, st.free_inodes - self._reserved_inodes))
+
+    @_guarded
+    def verify_allocators(self) -> list[str]:
+        """Recount both bitmaps against summaries and state counts (reads whole bitmaps)."""
+        bfree, problems = self.blocks.verify()
+        ifree, iproblems = self.inodes.verify()
+        problems += iproblems
+        if bfree != self.state.free_blocks:
+            problems.append(f"block bitmap has {bfree} free, state block says "
+                            f"{self.state.free_blocks}")
+        if ifree != self.state.free_inodes:
+            problems.append(f"inode bitmap has {ifree} free, state block says "
+                            f"{self.state.free_inodes}")
+        return problems
