@@ -1,0 +1,187 @@
+"""File contents: reading, writing and truncating through an inode's extent map.
+
+Data blocks are written straight to the device (ordered mode: the store puts a barrier between
+them and the commit of the metadata that points at them).  A write into a hole allocates
+contiguous runs near the file's last extent so large files stay contiguous; space is reserved
+before anything changes, so a write either completes or fails with ENOSPC having changed
+nothing.  Freed blocks go back to the store, which keeps them unallocatable until the freeing
+transaction is checkpointed.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from .extents import MAX_FILE_BLOCKS, ExtentMap
+from .inode import Inode
+from .metastore import BLOCK_SIZE
+from .types import BlockNo, FsError, InodeNo
+
+if TYPE_CHECKING:
+    from .inodes import OwnedStore
+    from .store import Store
+
+MAX_FILE_SIZE = MAX_FILE_BLOCKS * BLOCK_SIZE
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
+
+
+class FileData:
+    """The data of one inode (regular file or long symlink)."""
+
+    __slots__ = ("emap", "inode", "owned", "store")
+
+    def __init__(self, store: Store, owned: OwnedStore, inode: Inode, on_change) -> None:
+        self.store = store
+        self.owned = owned
+        self.inode = inode
+        self.emap = ExtentMap(owned, InodeNo(inode.ino), inode.area, lambda: on_change(inode))
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes from ``offset`` (short at end of file; holes read as zeros)."""
+        file_size = self.inode.size
+        if offset >= file_size or size <= 0:
+            return b""
+        end = min(offset + size, file_size)
+        first = offset // BLOCK_SIZE
+        last = (end - 1) // BLOCK_SIZE
+        nblocks = last - first + 1
+        buf = self.store.alloc_buffer(nblocks * BLOCK_SIZE)
+        view = memoryview(buf)
+        for lblk, phys, n in self.emap.map(first, nblocks):
+            start = (lblk - first) * BLOCK_SIZE
+            if phys == 0:
+                view[start : start + n * BLOCK_SIZE] = bytes(n * BLOCK_SIZE)
+            else:
+                self.store.read_data(BlockNo(phys), n, into=view[start : start + n * BLOCK_SIZE])
+        lo = offset - first * BLOCK_SIZE
+        return bytes(view[lo : lo + (end - offset)])
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        """Write ``data`` at ``offset``; returns the byte count.  Raises EFBIG past the
+        maximum file size and ENOSPC (changing nothing) when the space is not there."""
+        length = len(data)
+        if length == 0:
+            return 0
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        if offset >= MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        if offset + length > MAX_FILE_SIZE:
+            length = MAX_FILE_SIZE - offset
+            data = memoryview(data)[:length]
+        end = offset + length
+        first = offset // BLOCK_SIZE
+        last = (end - 1) // BLOCK_SIZE
+        nblocks = last - first + 1
+        buf = self.store.alloc_buffer(nblocks * BLOCK_SIZE)
+        view = memoryview(buf)
+        lo = offset - first * BLOCK_SIZE
+        hi = lo + length
+        # Partial first and last blocks keep the bytes around the write; read them before
+        # any hole is filled (a hole reads as zeros, a fresh block holds stale data).
+        if lo:
+            self._load_block(first, view[:BLOCK_SIZE])
+        if hi % BLOCK_SIZE and (last != first or not lo):
+            tail = (nblocks - 1) * BLOCK_SIZE
+            self._load_block(last, view[tail : tail + BLOCK_SIZE])
+        view[lo:hi] = data
+        runs = self.emap.map(first, nblocks)
+        holes = sum(n for _l, p, n in runs if p == 0)
+        if holes:
+            # Each allocated run is one insert; a run is at least one block.
+            self.store.reserve(holes + self.emap.worst_case_new_blocks(holes))
+            try:
+                runs = self._fill_holes(runs)
+            finally:
+                self.store.release_reservation()
+        for lblk, phys, n in runs:
+            start = (lblk - first) * BLOCK_SIZE
+            self.store.write_data(BlockNo(phys), n, view[start : start + n * BLOCK_SIZE])
+        if end > self.inode.size:
+            self.inode.size = end
+        return length
+
+    def _load_block(self, lblk: int, into: memoryview) -> None:
+        """Current contents of one logical block (zeros for a new block or past EOF)."""
+        if lblk * BLOCK_SIZE >= self.inode.size:
+            into[:] = _ZERO_BLOCK
+            return
+        ((_l, phys, _n),) = self.emap.map(lblk, 1)
+        if phys == 0:
+            into[:] = _ZERO_BLOCK
+        else:
+            self.store.read_data(BlockNo(phys), 1, into=into)
+
+    def _fill_holes(self, runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """Allocate blocks for the holes among ``runs``; returns the runs fully mapped.
+
+        Newly allocated blocks may hold stale data, but every byte of them is written
+        before the metadata that maps them commits (partial blocks are zero-filled by
+        _load_block because a hole reads as zeros).
+        """
+        last = self.emap.last()
+        goal = BlockNo(last[1] + last[2]) if last else None
+        out: list[tuple[int, int, int]] = []
+        for lblk, phys, n in runs:
+            if phys:
+                out.append((lblk, phys, n))
+                goal = BlockNo(phys + n)
+                continue
+            while n:
+                start, got = self.store.alloc_data(goal, n)
+                self.emap.insert(lblk, start, got)
+                self.inode.blocks += got
+                out.append((lblk, start, got))
+                lblk += got
+                n -= got
+                goal = BlockNo(start + got)
+        return out
+
+    # -- truncating -------------------------------------------------------------------------
+
+    def truncate(self, size: int) -> None:
+        """Set the file size; blocks wholly past the new end are freed, and the tail of a
+        partial last block is zeroed so a later extension reads zeros there."""
+        if size < 0:
+            raise FsError(errno.EINVAL)
+        if size > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        old = self.inode.size
+        if size < old:
+            keep = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+            self.free_runs(self.emap.punch(keep, None))
+            if size % BLOCK_SIZE:
+                self._zero_tail(size)
+        self.inode.size = size
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Deallocate the whole blocks inside [offset, offset+length) (size unchanged)."""
+        first = (offset + BLOCK_SIZE - 1) // BLOCK_SIZE
+        end = (offset + length) // BLOCK_SIZE
+        if end > first:
+            self.free_runs(self.emap.punch(first, end - first))
+
+    def _zero_tail(self, size: int) -> None:
+        lblk = size // BLOCK_SIZE
+        ((_l, phys, _n),) = self.emap.map(lblk, 1)
+        if phys == 0:
+            return
+        buf = self.store.alloc_buffer(BLOCK_SIZE)
+        view = memoryview(buf)
+        self.store.read_data(BlockNo(phys), 1, into=view)
+        view[size % BLOCK_SIZE :] = bytes(BLOCK_SIZE - size % BLOCK_SIZE)
+        self.store.write_data(BlockNo(phys), 1, view)
+
+    def free_runs(self, runs: list[tuple[int, int]]) -> None:
+        for phys, n in runs:
+            self.store.free_blocks(BlockNo(phys), n)
+            self.inode.blocks -= n
+
+    def destroy(self) -> None:
+        """Free every data block and extent-tree node of the inode."""
+        self.free_runs(self.emap.destroy())

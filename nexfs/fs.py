@@ -1,0 +1,960 @@
+"""The filesystem: POSIX semantics on inode numbers, over the metadata store.
+
+``FileSystem`` owns the valve capability (through its :class:`~nexfs.store.Store`) and is the
+only thing that interprets NexFS structures on a live volume.  Every public method is one
+operation: it checks everything that can fail first, reserves the space it may need, then
+changes the in-memory structures, which join the store's running transaction.  The
+transaction commits on fsync, on a timer (the caller's :meth:`commit`), or when it grows
+large, so each operation is atomic with respect to a crash.
+
+Errors leave as :class:`~nexfs.types.FsError` with an errno.  A corruption or device error in
+the middle of an operation turns the volume read-only and marks it as needing fsck; the
+on-disk state stays at the last commit.
+
+Concurrency invariant: all methods are synchronous and must be called from one thread (the
+trio task of the mount); none of them awaits, so operations never interleave.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import struct
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from . import perms
+from .attr import UTIME_NOW, Attr, Ctx, SetAttr, StatFs
+from .dirindex import DirIndex
+from .fileio import FileData
+from .inode import DATA_AREA_SIZE, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
+from .inodes import InodeCache, OwnedStore
+from .metastore import BLOCK_SIZE
+from .store import Store
+from .types import CorruptionError, FsError, InodeNo
+from .xattr import XattrStore
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = InodeNo(1)
+LOST_FOUND_INO = InodeNo(2)
+NAME_MAX = 255
+SYMLINK_MAX = 4095
+LINK_MAX = 65000
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+_ROOT_AREA = struct.Struct("<Q")
+_DAY_NS = 86400 * 1_000_000_000
+
+T = TypeVar("T")
+
+
+def _dtype(mode: int) -> int:
+    return stat.S_IFMT(mode) >> 12
+
+
+def _check_name(name: bytes) -> None:
+    if not name:
+        raise FsError(errno.ENOENT)
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL)
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def _mutating(fn: Callable[..., T]) -> Callable[..., T]:
+    """Wrap an operation that changes the volume: refuse on a read-only volume, write the
+    touched inodes back afterwards, and turn an error in the middle into read-only mode."""
+
+    @functools.wraps(fn)
+    def wrapper(self: FileSystem, *args: Any, **kwargs: Any) -> T:
+        if self.read_only:
+            raise FsError(errno.EROFS)
+        mark = self.store.change_count()
+        try:
+            result = fn(self, *args, **kwargs)
+            self.inodes.flush()
+        except BaseException as exc:
+            self._after_failure(exc, changed=self.store.change_count() != mark
+                                or self.inodes.has_dirty())
+            raise
+        if self.store.should_commit():
+            self.store.commit(durable=False)
+        return result
+
+    return wrapper
+
+
+def _reading(fn: Callable[..., T]) -> Callable[..., T]:
+    """Wrap a read-only operation: corruption and device errors are reported once."""
+
+    @functools.wraps(fn)
+    def wrapper(self: FileSystem, *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(self, *args, **kwargs)
+        except BaseException as exc:
+            self._after_failure(exc, changed=False)
+            raise
+
+    return wrapper
+
+
+class FileSystem:
+    """A mounted NexFS volume (see the module docstring for the rules every method keeps)."""
+
+    def __init__(self, store: Store, *, atime: str = "relatime") -> None:
+        if atime not in ("relatime", "noatime", "strictatime"):
+            raise ValueError(f"unknown atime mode {atime!r}")
+        self.store = store
+        self.atime = atime
+        self.inodes = InodeCache(store)
+        self._refs: dict[int, int] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @classmethod
+    def format(cls, dev: Any, *, label: str = "", progress: Callable[[str], None] | None = None,
+               **options: Any) -> None:
+        """Write an empty NexFS volume on ``dev``: the store's structures, the root directory
+        and lost+found."""
+        Store.format(dev, label=label, progress=progress, **options)
+        store = Store.open(dev)
+        fs = cls(store)
+        try:
+            fs._make_root()
+        finally:
+            fs.close()
+
+    @classmethod
+    def open(cls, dev: Any, *, read_only: bool = False, cache_blocks: int | None = None,
+             atime: str = "relatime") -> FileSystem:
+        """Open the volume on ``dev`` (replaying its journal if it was not unmounted
+        cleanly) and finish any deletions a crash interrupted."""
+        kwargs: dict[str, Any] = {"read_only": read_only}
+        if cache_blocks is not None:
+            kwargs["cache_blocks"] = cache_blocks
+        store = Store.open(dev, **kwargs)
+        fs = cls(store, atime=atime)
+        try:
+            fs.inodes.get(ROOT_INO)
+            if not read_only:
+                fs._process_orphans()
+        except BaseException:
+            store.abort()
+            raise
+        return fs
+
+    def close(self) -> None:
+        """Drop every in-memory reference, commit, checkpoint and mark the volume clean."""
+        if not self.read_only:
+            try:
+                for ino in list(self._refs):
+                    self._refs.pop(ino, None)
+                    self._maybe_free(ino)
+                self.inodes.flush()
+            except FsError as exc:
+                log.error("while closing: %s", exc)
+        self.inodes.clear()
+        self.store.close()
+
+    @property
+    def read_only(self) -> bool:
+        return self.store.read_only
+
+    @property
+    def error(self) -> str | None:
+        return self.store.error
+
+    def mark_error(self, reason: str) -> None:
+        """Something went wrong that the volume can't be trusted after: stop writing and
+        record that it needs fsck."""
+        self.inodes.discard_dirty()
+        self.store.mark_error(reason)
+
+    def commit(self, durable: bool = True) -> None:
+        """Commit the running transaction (called on a timer by the mount)."""
+        if self.read_only:
+            return
+        try:
+            self.inodes.flush()
+            self.store.commit(durable=durable)
+        except BaseException as exc:
+            self._after_failure(exc, changed=True)
+            raise
+
+    def _after_failure(self, exc: BaseException, *, changed: bool) -> None:
+        if isinstance(exc, CorruptionError):
+            log.error("%s", exc)
+            self.mark_error(str(exc))
+        elif isinstance(exc, FsError):
+            if changed and not self.read_only:
+                log.error("operation failed half-way with %s; volume is now read-only", exc)
+                self.mark_error(f"operation failed half-way: {exc}")
+        elif isinstance(exc, OSError):
+            log.error("device error: %s", exc)
+            self.mark_error(f"device error: {exc}")
+        elif isinstance(exc, Exception):
+            log.exception("internal error")
+            self.mark_error(f"internal error: {exc!r}")
+
+    def _make_root(self) -> None:
+        now = _now()
+        root = self._new_inode(None, stat.S_IFDIR | 0o755, 0, 0, now)
+        if root.ino != ROOT_INO:
+            raise FsError(errno.EIO, f"mkfs: root got inode {root.ino}")
+        root.nlink = 2
+        root.parent = ROOT_INO
+        lf = self._new_inode(root, stat.S_IFDIR | 0o700, 0, 0, now)
+        if lf.ino != LOST_FOUND_INO:
+            raise FsError(errno.EIO, f"mkfs: lost+found got inode {lf.ino}")
+        lf.nlink = 2
+        lf.parent = ROOT_INO
+        index = self._dir(root)
+        index.insert(b"lost+found", lf.ino, _dtype(lf.mode))
+        self._dir_changed(root, index)
+        root.nlink += 1
+        self.inodes.flush()
+        self.store.commit(durable=True)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _dirty(self, inode: Inode) -> None:
+        self.inodes.dirty(inode)
+
+    def _owned(self, inode: Inode) -> OwnedStore:
+        return OwnedStore(self.store, inode, self._dirty)
+
+    def _dir(self, inode: Inode) -> DirIndex:
+        (root,) = _ROOT_AREA.unpack_from(inode.area, 0)
+        return DirIndex(self._owned(inode), InodeNo(inode.ino), root, self.store.sb.hash_key)
+
+    def _dir_changed(self, inode: Inode, index: DirIndex | None = None) -> None:
+        if index is not None:
+            _ROOT_AREA.pack_into(inode.area, 0, index.root)
+        inode.size = max(1, inode.blocks) * BLOCK_SIZE
+        self._dirty(inode)
+
+    def _data(self, inode: Inode) -> FileData:
+        return FileData(self.store, self._owned(inode), inode, self._dirty)
+
+    def _xattrs(self, inode: Inode) -> XattrStore:
+        return XattrStore(self._owned(inode), InodeNo(inode.ino), inode.xattr_root,
+                           self.store.sb.hash_key)
+
+    def _get_dir(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return inode
+
+    def _attr(self, inode: Inode) -> Attr:
+        return Attr(
+            ino=InodeNo(inode.ino), mode=inode.mode, nlink=inode.nlink, uid=inode.uid,
+            gid=inode.gid, rdev=inode.rdev, size=inode.size, blocks=inode.blocks * 8,
+            atime_ns=inode.atime_ns, mtime_ns=inode.mtime_ns, ctime_ns=inode.ctime_ns,
+            btime_ns=inode.btime_ns, generation=inode.generation,
+        )
+
+    def _find(self, parent: Inode, name: bytes) -> Inode | None:
+        if name == b".":
+            return parent
+        if name == b"..":
+            return self.inodes.get(parent.parent or ROOT_INO)
+        hit = self._dir(parent).lookup(name)
+        if hit is None:
+            return None
+        return self.inodes.get(hit[0])
+
+    def _new_inode(self, parent: Inode | None, mode: int, uid: int, gid: int,
+                   now: int) -> Inode:
+        ino = self.store.alloc_inode(InodeNo(parent.ino) if parent else None)
+        inode = Inode(ino)
+        inode.mode = mode
+        inode.uid = uid
+        inode.gid = gid
+        inode.nlink = 1
+        inode.atime_ns = inode.mtime_ns = inode.ctime_ns = inode.btime_ns = now
+        inode.generation = self.store.next_generation()
+        self.inodes.add(inode)
+        return inode
+
+    def _touch_dir(self, inode: Inode, now: int) -> None:
+        inode.mtime_ns = inode.ctime_ns = now
+        self._dirty(inode)
+
+    def _prepare_create(self, parent_ino: int, name: bytes, ctx: Ctx, extra_blocks: int = 0
+                        ) -> Inode:
+        """Checks shared by every operation that adds a name: returns the parent."""
+        _check_name(name)
+        parent = self._get_dir(parent_ino)
+        perms.check(parent, perms.W_OK | perms.X_OK, ctx)
+        if parent.nlink == 0:
+            raise FsError(errno.ENOENT)
+        if name in (b".", b"..") or self._dir(parent).lookup(name) is not None:
+            raise FsError(errno.EEXIST)
+        self.store.reserve(self._dir(parent).worst_case_new_blocks() + extra_blocks,
+                           ninodes=1)
+        return parent
+
+    def _add_entry(self, parent: Inode, name: bytes, inode: Inode, now: int) -> None:
+        index = self._dir(parent)
+        index.insert(name, inode.ino, _dtype(inode.mode))
+        self._dir_changed(parent, index)
+        self._touch_dir(parent, now)
+
+    def _create_node(self, parent_ino: int, name: bytes, mode: int, ctx: Ctx,
+                     rdev: int = 0, extra_blocks: int = 0) -> Inode:
+        if stat.S_ISDIR(mode) and self._get_dir(parent_ino).nlink >= LINK_MAX:
+            raise FsError(errno.EMLINK)
+        parent = self._prepare_create(parent_ino, name, ctx, extra_blocks)
+        try:
+            uid, gid, mode = perms.initial_owner(parent, mode, ctx)
+            now = _now()
+            inode = self._new_inode(parent, mode, uid, gid, now)
+            inode.rdev = rdev
+            if inode.is_dir:
+                inode.nlink = 2
+                inode.parent = parent.ino
+                inode.size = BLOCK_SIZE
+                parent.nlink += 1
+            self._add_entry(parent, name, inode, now)
+        finally:
+            self.store.release_reservation()
+        return inode
+
+    # -- namespace operations ---------------------------------------------------------------
+
+    @_reading
+    def lookup(self, parent: int, name: bytes, ctx: Ctx) -> Attr:
+        directory = self._get_dir(parent)
+        perms.check(directory, perms.X_OK, ctx)
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        inode = self._find(directory, name)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        return self._attr(inode)
+
+    @_reading
+    def getattr(self, ino: int) -> Attr:
+        return self._attr(self.inodes.get(ino))
+
+    @_reading
+    def readlink(self, ino: int) -> bytes:
+        inode = self.inodes.get(ino)
+        if not inode.is_symlink:
+            raise FsError(errno.EINVAL)
+        if inode.flags & INODE_FLAG_INLINE:
+            return bytes(inode.area[: inode.size])
+        return self._data(inode).read(0, inode.size)
+
+    @_mutating
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Ctx) -> Attr:
+        kind = stat.S_IFMT(mode)
+        if kind == 0:
+            mode |= stat.S_IFREG
+            kind = stat.S_IFREG
+        if kind == stat.S_IFDIR:
+            raise FsError(errno.EPERM)
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise FsError(errno.EINVAL)
+        if kind in (stat.S_IFCHR, stat.S_IFBLK) and ctx.uid != 0:
+            raise FsError(errno.EPERM)
+        if kind not in (stat.S_IFCHR, stat.S_IFBLK):
+            rdev = 0
+        return self._attr(self._create_node(parent, name, mode & ~ctx.umask | kind, ctx, rdev))
+
+    @_mutating
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
+        mode = stat.S_IFDIR | (mode & 0o7777 & ~ctx.umask)
+        return self._attr(self._create_node(parent, name, mode, ctx))
+
+    @_mutating
+    def create(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
+        mode = stat.S_IFREG | (mode & 0o7777 & ~ctx.umask)
+        return self._attr(self._create_node(parent, name, mode, ctx))
+
+    @_mutating
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Ctx) -> Attr:
+        if not target:
+            raise FsError(errno.ENOENT)
+        if len(target) > SYMLINK_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if b"\0" in target:
+            raise FsError(errno.EINVAL)
+        inline = len(target) <= DATA_AREA_SIZE
+        extra = 0 if inline else 1 + 4
+        inode = self._create_node(parent, name, stat.S_IFLNK | 0o777, ctx,
+                                  extra_blocks=extra)
+        if inline:
+            inode.flags |= INODE_FLAG_INLINE
+            inode.area[: len(target)] = target
+            inode.size = len(target)
+        else:
+            self.store.reserve(extra)
+            try:
+                self._data(inode).write(0, target)
+            finally:
+                self.store.release_reservation()
+        self._dirty(inode)
+        return self._attr(inode)
+
+    @_mutating
+    def link(self, ino: int, new_parent: int, new_name: bytes, ctx: Ctx) -> Attr:
+        inode = self.inodes.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EPERM)
+        if inode.nlink >= LINK_MAX:
+            raise FsError(errno.EMLINK)
+        if inode.nlink == 0:
+            raise FsError(errno.ENOENT)
+        parent = self._prepare_create(new_parent, new_name, ctx)
+        try:
+            now = _now()
+            inode.nlink += 1
+            inode.ctime_ns = now
+            self._dirty(inode)
+            self._add_entry(parent, new_name, inode, now)
+        finally:
+            self.store.release_reservation()
+        return self._attr(inode)
+
+    @_mutating
+    def unlink(self, parent: int, name: bytes, ctx: Ctx) -> None:
+        directory, inode = self._prepare_remove(parent, name, ctx)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        now = _now()
+        self._remove_entry(directory, name, now)
+        self._drop_link(inode, now)
+
+    @_mutating
+    def rmdir(self, parent: int, name: bytes, ctx: Ctx) -> None:
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        if name == b"..":
+            raise FsError(errno.ENOTEMPTY)
+        directory, inode = self._prepare_remove(parent, name, ctx)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if inode.ino == ROOT_INO:
+            raise FsError(errno.EBUSY)
+        if not self._dir(inode).is_empty():
+            raise FsError(errno.ENOTEMPTY)
+        now = _now()
+        self._remove_entry(directory, name, now)
+        directory.nlink -= 1
+        inode.nlink = 0
+        inode.ctime_ns = now
+        self._dirty(inode)
+        self._unlinked(inode)
+
+    def _prepare_remove(self, parent: int, name: bytes, ctx: Ctx) -> tuple[Inode, Inode]:
+        _check_name(name)
+        directory = self._get_dir(parent)
+        perms.check(directory, perms.W_OK | perms.X_OK, ctx)
+        if name in (b".", b".."):
+            raise FsError(errno.EINVAL if name == b"." else errno.ENOTEMPTY)
+        inode = self._find(directory, name)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        perms.check_sticky(directory, inode, ctx)
+        return directory, inode
+
+    def _remove_entry(self, directory: Inode, name: bytes, now: int) -> None:
+        index = self._dir(directory)
+        index.remove(name)
+        self._dir_changed(directory, index)
+        self._touch_dir(directory, now)
+
+    def _drop_link(self, inode: Inode, now: int) -> None:
+        inode.nlink -= 1
+        inode.ctime_ns = now
+        self._dirty(inode)
+        if inode.nlink == 0:
+            self._unlinked(inode)
+
+    def _unlinked(self, inode: Inode) -> None:
+        """The last name is gone: free the inode now, or at its last reference."""
+        if self._refs.get(inode.ino, 0) > 0:
+            self._orphan_add(inode)
+        else:
+            self._free_inode(inode)
+
+    @_mutating
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int, ctx: Ctx) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
+            RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
+            raise FsError(errno.EINVAL)
+        _check_name(old_name)
+        _check_name(new_name)
+        src_dir = self._get_dir(old_parent)
+        dst_dir = self._get_dir(new_parent)
+        if old_name in (b".", b"..") or new_name in (b".", b".."):
+            raise FsError(errno.EBUSY if flags != RENAME_EXCHANGE else errno.EINVAL)
+        perms.check(src_dir, perms.W_OK | perms.X_OK, ctx)
+        perms.check(dst_dir, perms.W_OK | perms.X_OK, ctx)
+        src = self._find(src_dir, old_name)
+        if src is None:
+            raise FsError(errno.ENOENT)
+        dst = self._find(dst_dir, new_name)
+        perms.check_sticky(src_dir, src, ctx)
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise FsError(errno.ENOENT)
+            perms.check_sticky(dst_dir, dst, ctx)
+            self._rename_exchange(src_dir, old_name, src, dst_dir, new_name, dst, ctx)
+            return
+        if dst is not None:
+            if flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if dst.ino == src.ino:
+                return  # two names of one inode: POSIX says do nothing
+            perms.check_sticky(dst_dir, dst, ctx)
+            if src.is_dir:
+                if not dst.is_dir:
+                    raise FsError(errno.ENOTDIR)
+                if not self._dir(dst).is_empty():
+                    raise FsError(errno.ENOTEMPTY)
+            elif dst.is_dir:
+                raise FsError(errno.EISDIR)
+        moving_dir = src.is_dir and src_dir.ino != dst_dir.ino
+        if src.is_dir:
+            if src.ino == ROOT_INO:
+                raise FsError(errno.EBUSY)
+            self._check_not_ancestor(src, dst_dir)
+            if moving_dir:
+                perms.check(src, perms.W_OK, ctx)  # its ".." changes
+                if dst is None and dst_dir.nlink >= LINK_MAX:
+                    raise FsError(errno.EMLINK)
+        index_dst = self._dir(dst_dir)
+        self.store.reserve(0 if dst is not None else index_dst.worst_case_new_blocks())
+        try:
+            now = _now()
+            index_src = self._dir(src_dir)
+            if dst is not None:
+                index_dst.replace(new_name, src.ino, _dtype(src.mode))
+            else:
+                index_dst.insert(new_name, src.ino, _dtype(src.mode))
+            self._dir_changed(dst_dir, index_dst)
+            if src_dir.ino == dst_dir.ino:
+                index_src = index_dst
+            index_src.remove(old_name)
+            self._dir_changed(src_dir, index_src)
+            self._touch_dir(src_dir, now)
+            self._touch_dir(dst_dir, now)
+            src.ctime_ns = now
+            if src.is_dir:
+                src.parent = dst_dir.ino
+            self._dirty(src)
+            if moving_dir:
+                src_dir.nlink -= 1
+                dst_dir.nlink += 1
+            if dst is not None:
+                if dst.is_dir:
+                    dst_dir.nlink -= 1
+                    dst.nlink = 0
+                    dst.ctime_ns = now
+                    self._dirty(dst)
+                    self._unlinked(dst)
+                else:
+                    self._drop_link(dst, now)
+        finally:
+            self.store.release_reservation()
+
+    def _rename_exchange(self, src_dir: Inode, old_name: bytes, src: Inode, dst_dir: Inode,
+                         new_name: bytes, dst: Inode, ctx: Ctx) -> None:
+        if src.ino == dst.ino:
+            return
+        if src_dir.ino != dst_dir.ino:
+            if src.is_dir:
+                self._check_not_ancestor(src, dst_dir)
+                perms.check(src, perms.W_OK, ctx)
+            if dst.is_dir:
+                self._check_not_ancestor(dst, src_dir)
+                perms.check(dst, perms.W_OK, ctx)
+            if src.is_dir != dst.is_dir:
+                gaining = dst_dir if src.is_dir else src_dir
+                if gaining.nlink >= LINK_MAX:
+                    raise FsError(errno.EMLINK)
+        now = _now()
+        index_src = self._dir(src_dir)
+        index_src.replace(old_name, dst.ino, _dtype(dst.mode))
+        self._dir_changed(src_dir, index_src)
+        index_dst = index_src if src_dir.ino == dst_dir.ino else self._dir(dst_dir)
+        index_dst.replace(new_name, src.ino, _dtype(src.mode))
+        self._dir_changed(dst_dir, index_dst)
+        for directory in (src_dir, dst_dir):
+            self._touch_dir(directory, now)
+        for inode in (src, dst):
+            inode.ctime_ns = now
+            self._dirty(inode)
+        if src_dir.ino != dst_dir.ino:
+            if src.is_dir:
+                src.parent = dst_dir.ino
+                src_dir.nlink -= 1
+                dst_dir.nlink += 1
+            if dst.is_dir:
+                dst.parent = src_dir.ino
+                dst_dir.nlink -= 1
+                src_dir.nlink += 1
+
+    def _check_not_ancestor(self, directory: Inode, target_dir: Inode) -> None:
+        """EINVAL when ``target_dir`` is ``directory`` or lies below it."""
+        seen = 0
+        ino: int = target_dir.ino
+        while True:
+            if ino == directory.ino:
+                raise FsError(errno.EINVAL)
+            if ino == ROOT_INO:
+                return
+            ino = self.inodes.get(ino).parent
+            seen += 1
+            if seen > 1_000_000 or not ino:
+                raise CorruptionError(0, f"directory {target_dir.ino}", "parent chain broken")
+
+    # -- inode lifetime ---------------------------------------------------------------------
+
+    def ref(self, ino: int, n: int = 1) -> None:
+        """Take ``n`` in-memory references (kernel lookups, open files) on ``ino``."""
+        if n:
+            self._refs[ino] = self._refs.get(ino, 0) + n
+
+    def unref(self, ino: int, n: int = 1) -> None:
+        """Drop references; an inode with no names left is freed at its last reference."""
+        left = self._refs.get(ino, 0) - n
+        if left > 0:
+            self._refs[ino] = left
+            return
+        self._refs.pop(ino, None)
+        if not self.read_only:
+            self._release_if_unlinked(ino)
+
+    @_mutating
+    def _release_if_unlinked(self, ino: int) -> None:
+        self._maybe_free(ino)
+
+    def _maybe_free(self, ino: int) -> None:
+        try:
+            inode = self.inodes.get(ino)
+        except FsError:
+            return
+        if inode.nlink == 0:
+            self._orphan_remove(inode)
+            self._free_inode(inode)
+
+    def _free_inode(self, inode: Inode) -> None:
+        if inode.is_reg or (inode.is_symlink and not inode.flags & INODE_FLAG_INLINE):
+            self._data(inode).destroy()
+        elif inode.is_dir:
+            self._dir(inode).destroy()
+        if inode.xattr_root:
+            self._xattrs(inode).destroy()
+        self.inodes.forget(inode.ino)
+        self.store.free_inode(InodeNo(inode.ino))
+
+    def _orphan_add(self, inode: Inode) -> None:
+        state = self.store.state
+        inode.flags |= INODE_FLAG_ORPHAN
+        inode.orphan_next = state.orphan_head
+        state.orphan_head = inode.ino
+        self.store.dirty(state)
+        self._dirty(inode)
+
+    def _orphan_remove(self, inode: Inode) -> None:
+        if not inode.flags & INODE_FLAG_ORPHAN:
+            return
+        state = self.store.state
+        if state.orphan_head == inode.ino:
+            state.orphan_head = inode.orphan_next
+            self.store.dirty(state)
+        else:
+            prev = self.inodes.get(state.orphan_head)
+            hops = 0
+            while prev.orphan_next and prev.orphan_next != inode.ino:
+                prev = self.inodes.get(prev.orphan_next)
+                hops += 1
+                if hops > self.store.geo.ninodes:
+                    raise CorruptionError(0, "orphan list", "loop")
+            prev.orphan_next = inode.orphan_next
+            self._dirty(prev)
+        inode.orphan_next = 0
+        inode.flags &= ~INODE_FLAG_ORPHAN
+        self._dirty(inode)
+
+    @_mutating
+    def _process_orphans(self) -> None:
+        """Free the inodes that were unlinked while in use when the volume went down."""
+        state = self.store.state
+        count = 0
+        while state.orphan_head:
+            inode = self.inodes.get(state.orphan_head)
+            state.orphan_head = inode.orphan_next
+            self.store.dirty(state)
+            inode.orphan_next = 0
+            inode.flags &= ~INODE_FLAG_ORPHAN
+            if inode.nlink == 0:
+                self._free_inode(inode)
+            else:
+                self._dirty(inode)
+            count += 1
+            if count > self.store.geo.ninodes:
+                raise CorruptionError(0, "orphan list", "loop")
+        if count:
+            log.info("freed %d orphaned inode(s)", count)
+
+    # -- attributes -------------------------------------------------------------------------
+
+    @_mutating
+    def setattr(self, ino: int, changes: SetAttr, ctx: Ctx) -> Attr:
+        inode = self.inodes.get(ino)
+        now = _now()
+        if changes.mode is not None and not perms.is_owner(inode, ctx):
+            raise FsError(errno.EPERM)
+        if changes.uid is not None and changes.uid != inode.uid and ctx.uid != 0:
+            raise FsError(errno.EPERM)
+        if changes.gid is not None and changes.gid != inode.gid and ctx.uid != 0 and (
+            ctx.uid != inode.uid or not ctx.in_group(changes.gid)
+        ):
+            raise FsError(errno.EPERM)
+        if changes.uid is not None and changes.uid == inode.uid and ctx.uid not in (0, inode.uid):
+            raise FsError(errno.EPERM)
+        if changes.gid is not None and changes.gid == inode.gid and ctx.uid not in (0, inode.uid):
+            raise FsError(errno.EPERM)
+        for value in (changes.atime_ns, changes.mtime_ns):
+            if value is None:
+                continue
+            if value == UTIME_NOW:
+                if not perms.is_owner(inode, ctx) and not perms.may(inode, perms.W_OK, ctx):
+                    raise FsError(errno.EACCES)
+            elif not perms.is_owner(inode, ctx):
+                raise FsError(errno.EPERM)
+        if changes.size is not None:
+            if inode.is_dir:
+                raise FsError(errno.EISDIR)
+            if not inode.is_reg:
+                raise FsError(errno.EINVAL)
+            perms.check(inode, perms.W_OK, ctx)
+        if changes.size is not None and changes.size > inode.size:
+            pass  # growing needs no space: the new range is a hole
+        if changes.size is not None:
+            self.store.reserve(self._data(inode).emap.worst_case_new_blocks(1))
+            try:
+                self._data(inode).truncate(changes.size)
+            finally:
+                self.store.release_reservation()
+            inode.mtime_ns = now
+            if ctx.uid != 0:
+                inode.mode = perms.killpriv(inode.mode)
+        if changes.mode is not None:
+            mode = changes.mode & 0o7777
+            if ctx.uid != 0 and not ctx.in_group(inode.gid) and not inode.is_dir:
+                mode &= ~stat.S_ISGID
+            inode.mode = stat.S_IFMT(inode.mode) | mode
+        if changes.uid is not None or changes.gid is not None:
+            if (changes.uid is not None and changes.uid != inode.uid) or (
+                changes.gid is not None and changes.gid != inode.gid
+            ) or ctx.uid != 0:
+                inode.mode = perms.killpriv(inode.mode)
+            if changes.uid is not None:
+                inode.uid = changes.uid
+            if changes.gid is not None:
+                inode.gid = changes.gid
+        if changes.atime_ns is not None:
+            inode.atime_ns = now if changes.atime_ns == UTIME_NOW else changes.atime_ns
+        if changes.mtime_ns is not None:
+            inode.mtime_ns = now if changes.mtime_ns == UTIME_NOW else changes.mtime_ns
+        inode.ctime_ns = changes.ctime_ns if changes.ctime_ns is not None else now
+        self._dirty(inode)
+        return self._attr(inode)
+
+    @_reading
+    def access(self, ino: int, mask: int, ctx: Ctx) -> None:
+        inode = self.inodes.get(ino)
+        if mask & perms.W_OK and self.read_only and (inode.is_reg or inode.is_dir):
+            raise FsError(errno.EROFS)
+        perms.check(inode, mask & 7, ctx)
+
+    # -- file contents ----------------------------------------------------------------------
+
+    def open_file(self, ino: int, flags: int, ctx: Ctx) -> None:
+        """Check that ``ino`` may be opened with ``flags``; O_TRUNC truncates."""
+        inode = self.inodes.get(ino)
+        accmode = flags & os.O_ACCMODE
+        if inode.is_dir and (accmode != os.O_RDONLY or flags & os.O_TRUNC):
+            raise FsError(errno.EISDIR)
+        if (accmode != os.O_RDONLY or flags & os.O_TRUNC) and self.read_only:
+            raise FsError(errno.EROFS)
+        mask = {os.O_RDONLY: perms.R_OK, os.O_WRONLY: perms.W_OK}.get(
+            accmode, perms.R_OK | perms.W_OK)
+        perms.check(inode, mask, ctx)
+        if flags & os.O_TRUNC and inode.is_reg and inode.size:
+            self.setattr(ino, SetAttr(size=0), ctx)
+
+    @_reading
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        inode = self.inodes.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        if not inode.is_reg:
+            raise FsError(errno.EINVAL)
+        data = self._data(inode).read(offset, size)
+        self._note_access(inode)
+        return data
+
+    def _note_access(self, inode: Inode) -> None:
+        if self.atime == "noatime" or self.read_only:
+            return
+        now = _now()
+        if self.atime == "relatime" and not (
+            inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
+            or now - inode.atime_ns >= _DAY_NS
+        ):
+            return
+        inode.atime_ns = now
+        self._dirty(inode)
+        self.inodes.flush()
+
+    @_mutating
+    def write(self, ino: int, offset: int, data: bytes | memoryview, ctx: Ctx) -> int:
+        inode = self.inodes.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        if not inode.is_reg:
+            raise FsError(errno.EINVAL)
+        written = self._data(inode).write(offset, data)
+        if written:
+            now = _now()
+            inode.mtime_ns = inode.ctime_ns = now
+            if ctx.uid != 0 and inode.mode & (stat.S_ISUID | stat.S_ISGID):
+                inode.mode = perms.killpriv(inode.mode)
+            self._dirty(inode)
+        return written
+
+    def fsync(self, ino: int, datasync: bool) -> None:
+        """Make the file's data and metadata durable (and everything committed before)."""
+        self.inodes.get(ino)
+        self.commit(durable=True)
+
+    def fsyncdir(self, ino: int) -> None:
+        self._get_dir(ino)
+        self.commit(durable=True)
+
+    # -- directories ------------------------------------------------------------------------
+
+    @_reading
+    def readdir(self, ino: int, cookie: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """Entries after ``cookie`` as (name, attributes, cookie of this entry)."""
+        directory = self._get_dir(ino)
+        out: list[tuple[bytes, Attr, int]] = []
+        if cookie < 1:
+            out.append((b".", self._attr(directory), 1))
+        if cookie < 2:
+            out.append((b"..", self._attr(self.inodes.get(directory.parent or ROOT_INO)), 2))
+        self._note_access(directory)
+        return self._readdir_entries(directory, max(cookie, 2), out)
+
+    def _readdir_entries(self, directory: Inode, cookie: int,
+                         head: list[tuple[bytes, Attr, int]]
+                         ) -> Iterator[tuple[bytes, Attr, int]]:
+        yield from head
+        for entry_cookie, name, child, _kind in self._dir(directory).iter_from(cookie):
+            try:
+                attr = self._attr(self.inodes.get(child))
+            except CorruptionError as exc:
+                self._after_failure(exc, changed=False)
+                raise
+            yield name, attr, entry_cookie
+
+    @_reading
+    def statfs(self) -> StatFs:
+        figures = self.store.statfs()
+        return StatFs(
+            bsize=BLOCK_SIZE, frsize=BLOCK_SIZE, blocks=figures.total_blocks,
+            bfree=figures.free_blocks, bavail=figures.free_blocks,
+            files=figures.total_inodes, ffree=figures.free_inodes,
+            favail=figures.free_inodes, namemax=NAME_MAX,
+        )
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    @staticmethod
+    def _check_xattr_name(name: bytes) -> None:
+        if not name:
+            raise FsError(errno.EINVAL)
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ERANGE)
+        if not name.startswith(XATTR_NAMESPACES):
+            raise FsError(errno.EOPNOTSUPP)
+
+    def _check_xattr_write(self, inode: Inode, name: bytes, ctx: Ctx) -> None:
+        if name.startswith(b"trusted.") and ctx.uid != 0:
+            raise FsError(errno.EPERM)
+        if name.startswith(b"user."):
+            if not (inode.is_reg or inode.is_dir):
+                raise FsError(errno.EPERM)
+            if inode.is_dir and inode.mode & stat.S_ISVTX and not perms.is_owner(inode, ctx):
+                raise FsError(errno.EPERM)
+            perms.check(inode, perms.W_OK, ctx)
+        elif not perms.is_owner(inode, ctx) and name.startswith(b"security."):
+            raise FsError(errno.EPERM)
+
+    @_reading
+    def getxattr(self, ino: int, name: bytes, ctx: Ctx | None = None) -> bytes:
+        inode = self.inodes.get(ino)
+        if not inode.xattr_root:
+            self._check_xattr_name(name)
+            raise FsError(errno.ENODATA)
+        self._check_xattr_name(name)
+        if name.startswith(b"trusted.") and ctx is not None and ctx.uid != 0:
+            raise FsError(errno.ENODATA)
+        return self._xattrs(inode).get(name)
+
+    @_reading
+    def listxattr(self, ino: int, ctx: Ctx | None = None) -> list[bytes]:
+        inode = self.inodes.get(ino)
+        if not inode.xattr_root:
+            return []
+        names = self._xattrs(inode).list()
+        if ctx is not None and ctx.uid != 0:
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
+
+    @_mutating
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int, ctx: Ctx) -> None:
+        inode = self.inodes.get(ino)
+        self._check_xattr_name(name)
+        self._check_xattr_write(inode, name, ctx)
+        xattrs = self._xattrs(inode)
+        self.store.reserve(xattrs.worst_case_new_blocks(len(value)))
+        try:
+            xattrs.set(name, value, flags)
+        finally:
+            self.store.release_reservation()
+        inode.xattr_root = xattrs.root
+        inode.ctime_ns = _now()
+        self._dirty(inode)
+
+    @_mutating
+    def removexattr(self, ino: int, name: bytes, ctx: Ctx) -> None:
+        inode = self.inodes.get(ino)
+        self._check_xattr_name(name)
+        self._check_xattr_write(inode, name, ctx)
+        if not inode.xattr_root:
+            raise FsError(errno.ENODATA)
+        xattrs = self._xattrs(inode)
+        xattrs.remove(name)
+        inode.xattr_root = xattrs.root
+        inode.ctime_ns = _now()
+        self._dirty(inode)
