@@ -1,0 +1,455 @@
+"""Reading a whole volume and finding everything wrong with it (the engine of fsck.nexfs).
+
+:func:`scan` walks every structure once — the allocated inodes, their extent, directory and
+attribute trees, the directory graph, the orphan list, the bitmaps and the free counts — and
+returns a :class:`Scan`: what it found, and the computed truth (which blocks and inodes are
+really in use, every inode's link count) that the repair step rewrites the volume from.  It
+never changes the volume.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .bitmap import BPB, COUNT_MASK, UNINIT, range_mask
+from .dirindex import DirIndex
+from .extents import INLINE_MAX, MAX_FILE_BLOCKS, ExtentMap
+from .inode import DATA_AREA_SIZE, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
+from .metastore import BLOCK_SIZE, MetaBlock
+from .store import Store
+from .types import BlockNo, CorruptionError, FsError, InodeNo
+from .xattr import XattrStore
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+LOST_FOUND_INO = 2
+SYMLINK_MAX = 4095
+_ROOT_AREA = struct.Struct("<Q")
+M = TypeVar("M", bound=MetaBlock)
+
+
+class Tracker:
+    """The store as the checker's trees see it: records every metadata block they read."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.volume_seed = store.volume_seed
+        self.nblocks = store.geo.nblocks
+        self.seen: list[int] = []
+
+    def get(self, blkno: BlockNo, decode: Callable[[BlockNo, memoryview], M]) -> M:
+        self.seen.append(blkno)
+        return self.store.get(blkno, decode)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+@dataclass
+class InodeInfo:
+    """What the scan learnt about one valid inode."""
+
+    inode: Inode
+    runs: list[tuple[int, int, int]] = field(default_factory=list)  # (lblk, phys, n)
+    tree_blocks: list[int] = field(default_factory=list)  # extent or directory tree nodes
+    xattr_blocks: list[int] = field(default_factory=list)
+    entries: list[tuple[int, bytes, int, int]] = field(default_factory=list)  # directories
+    tree_damage: str | None = None
+    xattr_damage: str | None = None
+    conflicts: list[tuple[int, int, int]] = field(default_factory=list)  # runs lost to others
+    past_eof: bool = False  # blocks mapped beyond the file size
+    links: int = 0  # directory entries naming it
+    subdirs: int = 0  # directories: entries naming a subdirectory
+    parents: list[int] = field(default_factory=list)  # directories: dirs with an entry for it
+
+    @property
+    def ino(self) -> int:
+        return self.inode.ino
+
+    def expected_blocks(self) -> int:
+        data = sum(n for _l, _p, n in self.runs)
+        return data + len(self.tree_blocks) + len(self.xattr_blocks)
+
+
+@dataclass
+class Scan:
+    """Everything found by :func:`scan`."""
+
+    problems: list[str] = field(default_factory=list)
+    inodes: dict[int, InodeInfo] = field(default_factory=dict)
+    bad_inodes: dict[int, str] = field(default_factory=dict)  # in the bitmap, not valid
+    used_blocks: dict[int, int] = field(default_factory=dict)  # group -> bits in use
+    used_inodes: dict[int, int] = field(default_factory=dict)  # group -> inodes in use
+    bad_entries: list[tuple[int, bytes, str]] = field(default_factory=list)  # (dir, name, why)
+    wrong_dtype: list[tuple[int, bytes, int, int]] = field(default_factory=list)
+    extra_parents: list[tuple[int, bytes, int]] = field(default_factory=list)
+    unreachable: list[int] = field(default_factory=list)
+    orphans: list[int] = field(default_factory=list)  # on the orphan list, nlink 0
+    orphan_list_damage: str | None = None
+    stray_orphan_flags: list[int] = field(default_factory=list)
+    bitmap_damage: list[str] = field(default_factory=list)
+    counts_wrong: bool = False
+
+    def problem(self, message: str) -> None:
+        self.problems.append(message)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+
+def _set_bits(bits: int) -> Iterator[int]:
+    while bits:
+        low = bits & -bits
+        yield low.bit_length() - 1
+        bits ^= low
+
+
+class _Scanner:
+    def __init__(self, store: Store, progress: Callable[[str], None] | None) -> None:
+        self.store = store
+        self.geo = store.geo
+        self.out = Scan()
+        self.progress = progress or (lambda _m: None)
+        self.hash_key = store.sb.hash_key
+        self._owner: dict[int, int] = {}  # first block of a claimed run -> ino (conflicts)
+
+    # -- block accounting -------------------------------------------------------------------
+
+    def _claim(self, start: int, n: int) -> bool:
+        """Mark blocks used; False (and nothing marked) if any of them already was."""
+        used = self.out.used_blocks
+        masks = []
+        i, left = start, n
+        while left:
+            g, off = divmod(i, BPB)
+            take = min(left, BPB - off)
+            mask = range_mask(off, take)
+            if used.get(g, 0) & mask:
+                return False
+            masks.append((g, mask))
+            i += take
+            left -= take
+        for g, mask in masks:
+            used[g] = used.get(g, 0) | mask
+        return True
+
+    def _in_data_area(self, start: int, n: int) -> bool:
+        return self.geo.data_start <= start and start + n <= self.geo.backup_sb and n > 0
+
+    # -- pass 1 -----------------------------------------------------------------------------
+
+    def pass1(self) -> None:
+        geo = self.geo
+        self._claim(0, geo.data_start)
+        self._claim(geo.backup_sb, 1)
+        inodes = self.store.inodes
+        for g in range(inodes.ngroups):
+            try:
+                bits = inodes._bits(g) & ~inodes.tail_mask(g)
+            except CorruptionError as exc:
+                self.out.problem(f"inode bitmap block {g}: {exc.reason}")
+                self.out.bitmap_damage.append(f"inode bitmap {g}")
+                bits = self._inodes_from_table(g)
+            for off in _set_bits(bits):
+                ino = g * BPB + off
+                if 1 <= ino <= geo.ninodes:
+                    self._inode(ino)
+            if g % 64 == 63:
+                self.progress(f"pass 1: inode group {g + 1}/{inodes.ngroups}")
+
+    def _inodes_from_table(self, g: int) -> int:
+        """The inode bitmap block is unreadable: trust valid, non-free table slots instead."""
+        bits = 0
+        first = max(1, g * BPB)
+        last = min((g + 1) * BPB - 1, self.geo.ninodes)
+        for ino in range(first, last + 1):
+            try:
+                raw = self.store.bdev.read_blocks(self.store.inode_table_block(InodeNo(ino)), 1)
+                slot = (ino - 1) % 16 * 256
+                inode = Inode.decode(InodeNo(ino), raw[slot : slot + 256], self.store.volume_seed)
+            except (CorruptionError, OSError):
+                continue
+            if inode.mode:
+                bits |= 1 << (ino - g * BPB)
+        return bits
+
+    def _inode(self, ino: int) -> None:
+        store = self.store
+        try:
+            inode = Inode.decode(InodeNo(ino), store.read_inode_raw(InodeNo(ino)),
+                                 store.volume_seed, store.inode_table_block(InodeNo(ino)))
+        except CorruptionError as exc:
+            self.out.problem(f"inode {ino}: {exc.reason}")
+            self.out.bad_inodes[ino] = exc.reason
+            return
+        if inode.mode == 0:
+            self.out.problem(f"inode {ino} is marked in use but its slot is free")
+            self.out.bad_inodes[ino] = "free slot"
+            return
+        info = InodeInfo(inode)
+        self.out.inodes[ino] = info
+        kind = stat.S_IFMT(inode.mode)
+        if kind == stat.S_IFREG or (kind == stat.S_IFLNK and not inode.flags & INODE_FLAG_INLINE):
+            self._extents(info)
+        elif kind == stat.S_IFDIR:
+            self._directory(info)
+        elif kind == stat.S_IFLNK and not 0 < inode.size <= DATA_AREA_SIZE:
+            self.out.problem(f"inode {ino}: inline symlink of size {inode.size}")
+            info.tree_damage = "bad inline symlink size"
+        if kind == stat.S_IFLNK and not inode.flags & INODE_FLAG_INLINE and not (
+            DATA_AREA_SIZE < inode.size <= SYMLINK_MAX
+        ):
+            self.out.problem(f"inode {ino}: symlink of size {inode.size}")
+            info.tree_damage = "bad symlink size"
+        if inode.xattr_root:
+            self._xattrs(info)
+        for blk in info.tree_blocks + info.xattr_blocks:
+            if not self._claim(blk, 1):
+                self.out.problem(f"inode {ino}: tree block {blk} is also used elsewhere")
+                info.tree_damage = info.tree_damage or f"tree block {blk} shared"
+        if info.tree_damage is None and inode.blocks != info.expected_blocks():
+            self.out.problem(f"inode {ino}: i_blocks is {inode.blocks}, counted "
+                             f"{info.expected_blocks()}")
+        if inode.flags & INODE_FLAG_ORPHAN and inode.nlink:
+            pass  # checked against the orphan list in pass 4
+
+    def _extents(self, info: InodeInfo) -> None:
+        ino = info.ino
+        inode = info.inode
+        tracker = Tracker(self.store)
+        try:
+            emap = ExtentMap(tracker, InodeNo(ino), bytearray(inode.area), lambda: None)
+            for lblk, phys, n in emap.extents():
+                if not self._in_data_area(phys, n) or lblk + n > MAX_FILE_BLOCKS:
+                    raise CorruptionError(0, f"extent map of inode {ino}",
+                                          f"extent {lblk}+{n} -> {phys} out of range")
+                info.runs.append((lblk, phys, n))
+        except CorruptionError as exc:
+            self.out.problem(f"inode {ino}: {exc}")
+            info.tree_damage = str(exc)
+        info.tree_blocks = [] if info.tree_damage else sorted(set(tracker.seen))
+        kept = []
+        for lblk, phys, n in info.runs:
+            if self._claim(phys, n):
+                kept.append((lblk, phys, n))
+            else:
+                self.out.problem(f"inode {ino}: blocks {phys}..{phys + n - 1} are also used "
+                                 "by another file")
+                info.conflicts.append((lblk, phys, n))
+        info.runs = kept
+        if info.tree_damage:
+            # Salvage what fits inline; the rest of the file is lost.
+            info.runs = info.runs[:INLINE_MAX]
+        if info.runs and not info.tree_damage:
+            lblk, _p, n = info.runs[-1]
+            end_block = lblk + n
+            size_blocks = -(-inode.size // BLOCK_SIZE)
+            if end_block > size_blocks:
+                self.out.problem(f"inode {ino}: blocks mapped past the end of file "
+                                 f"(size {inode.size})")
+                info.past_eof = True
+
+    def _directory(self, info: InodeInfo) -> None:
+        ino = info.ino
+        (root,) = _ROOT_AREA.unpack_from(info.inode.area, 0)
+        tracker = Tracker(self.store)
+        try:
+            if any(info.inode.area[8:]):
+                raise CorruptionError(0, f"directory {ino}", "unused part of the area is set")
+            index = DirIndex(tracker, InodeNo(ino), root, self.hash_key)
+            for cookie, name, child, dtype in index.iter_from(0):
+                index.check_hash(cookie, name)
+                info.entries.append((cookie, name, child, dtype))
+        except CorruptionError as exc:
+            self.out.problem(f"directory {ino}: {exc}")
+            info.tree_damage = str(exc)
+        except FsError as exc:
+            self.out.problem(f"directory {ino}: bad entry: {exc}")
+            info.tree_damage = str(exc)
+        info.tree_blocks = [] if info.tree_damage else sorted(set(tracker.seen))
+
+    def _xattrs(self, info: InodeInfo) -> None:
+        tracker = Tracker(self.store)
+        try:
+            xattrs = XattrStore(tracker, InodeNo(info.ino), info.inode.xattr_root, self.hash_key)
+            for name in xattrs.list():
+                xattrs.get(name)
+        except (CorruptionError, FsError) as exc:
+            self.out.problem(f"inode {info.ino}: extended attributes: {exc}")
+            info.xattr_damage = str(exc)
+        info.xattr_blocks = [] if info.xattr_damage else sorted(set(tracker.seen))
+
+    # -- pass 2 and 3: directory structure and connectivity ---------------------------------
+
+    def pass2(self) -> None:
+        inodes = self.out.inodes
+        for dino, info in inodes.items():
+            if not info.inode.is_dir:
+                continue
+            for _cookie, name, child, dtype in info.entries:
+                target = inodes.get(child)
+                if target is None:
+                    why = "a damaged inode" if child in self.out.bad_inodes else "a free inode"
+                    self.out.problem(f"directory {dino}: entry {name!r} points to {why} "
+                                     f"({child})")
+                    self.out.bad_entries.append((dino, name, why))
+                    continue
+                want = stat.S_IFMT(target.inode.mode) >> 12
+                if dtype != want:
+                    self.out.problem(f"directory {dino}: entry {name!r} has type {dtype}, "
+                                     f"inode {child} is type {want}")
+                    self.out.wrong_dtype.append((dino, name, child, want))
+                if target.inode.is_dir:
+                    if child == ROOT_INO or target.parents:
+                        self.out.problem(f"directory {child} has a second name {name!r} in "
+                                         f"directory {dino}")
+                        self.out.extra_parents.append((dino, name, child))
+                        continue
+                    target.parents.append(dino)
+                    info.subdirs += 1
+                target.links += 1
+
+    def pass3(self) -> None:
+        inodes = self.out.inodes
+        if ROOT_INO not in inodes or not inodes[ROOT_INO].inode.is_dir:
+            self.out.problem("the root directory is missing or not a directory")
+            return
+        reached = {ROOT_INO}
+        todo = [ROOT_INO]
+        while todo:
+            info = inodes[todo.pop()]
+            for _cookie, _name, child, _dtype in info.entries:
+                target = inodes.get(child)
+                if target is None or child in reached:
+                    continue
+                if target.inode.is_dir and target.parents and target.parents[0] != info.ino:
+                    continue  # the extra name of a directory (reported in pass 2)
+                reached.add(child)
+                if target.inode.is_dir:
+                    todo.append(child)
+        for ino, info in inodes.items():
+            if ino in reached:
+                if info.inode.is_dir and ino != ROOT_INO and info.inode.parent != (
+                    info.parents[0] if info.parents else 0
+                ):
+                    self.out.problem(f"directory {ino}: '..' is {info.inode.parent}, should be "
+                                     f"{info.parents[0] if info.parents else '?'}")
+                    self.out.counts_wrong = True
+                continue
+            if info.inode.nlink == 0 and info.inode.flags & INODE_FLAG_ORPHAN:
+                continue  # deletion pending (pass 4)
+            self.out.problem(f"inode {ino} is not reachable from the root")
+            self.out.unreachable.append(ino)
+
+    # -- pass 4: link counts and the orphan list --------------------------------------------
+
+    def pass4(self) -> None:
+        inodes = self.out.inodes
+        state = self.store.state
+        on_list: list[int] = []
+        ino = state.orphan_head
+        seen: set[int] = set()
+        while ino:
+            info = inodes.get(ino)
+            if ino in seen or info is None or not info.inode.flags & INODE_FLAG_ORPHAN:
+                why = "loops" if ino in seen else f"reaches inode {ino}, which is not an orphan"
+                self.out.problem(f"orphan list {why}")
+                self.out.orphan_list_damage = why
+                break
+            seen.add(ino)
+            on_list.append(ino)
+            ino = info.inode.orphan_next
+        for ino, info in inodes.items():
+            if info.inode.flags & INODE_FLAG_ORPHAN and ino not in seen:
+                self.out.problem(f"inode {ino} is flagged as an orphan but not on the list")
+                self.out.stray_orphan_flags.append(ino)
+        for ino in on_list:
+            info = inodes[ino]
+            if info.inode.nlink == 0 and info.links == 0:
+                self.out.orphans.append(ino)
+        for ino, info in inodes.items():
+            if ino in self.out.unreachable:
+                continue
+            want = 2 + info.subdirs if info.inode.is_dir else info.links
+            if info.inode.nlink != want and not (ino in self.out.orphans and want == 0):
+                self.out.problem(f"inode {ino}: link count is {info.inode.nlink}, should be "
+                                 f"{want}")
+                self.out.counts_wrong = True
+
+    # -- pass 5: free space accounting ------------------------------------------------------
+
+    def pass5(self) -> None:
+        store = self.store
+        blocks = store.blocks
+        used = self.out.used_blocks
+        total_free = 0
+        for g in range(blocks.ngroups):
+            want = used.get(g, 0) | blocks.tail_mask(g)
+            try:
+                entry = blocks.summary_entry(g)
+            except CorruptionError as exc:
+                self.out.problem(f"block summary: {exc}")
+                self.out.bitmap_damage.append(f"block summary {g}")
+                entry = None
+            try:
+                have = blocks._bits(g)
+            except CorruptionError as exc:
+                self.out.problem(f"block bitmap: {exc}")
+                self.out.bitmap_damage.append(f"block bitmap {g}")
+                have = None
+            free = BPB - want.bit_count()
+            total_free += free
+            if have is not None and have != want:
+                extra = (have & ~want).bit_count()
+                missing = (want & ~have).bit_count()
+                self.out.problem(f"block bitmap group {g}: {missing} used block(s) marked free, "
+                                 f"{extra} free block(s) marked used")
+                self.out.bitmap_damage.append(f"block bitmap {g}")
+            elif entry is not None and not entry & UNINIT and entry & COUNT_MASK != free:
+                self.out.problem(f"block summary of group {g} says {entry & COUNT_MASK} free, "
+                                 f"counted {free}")
+                self.out.bitmap_damage.append(f"block summary {g}")
+        if store.state.free_blocks != total_free:
+            self.out.problem(f"free block count is {store.state.free_blocks}, counted "
+                             f"{total_free}")
+            self.out.counts_wrong = True
+        inodes = store.inodes
+        valid = self.out.inodes
+        total_ifree = 0
+        in_use: dict[int, int] = {0: 1}  # inode 0 never exists: its bit is always set
+        for ino in valid:
+            g, off = divmod(ino, BPB)
+            in_use[g] = in_use.get(g, 0) | 1 << off
+        self.out.used_inodes = in_use
+        for g in range(inodes.ngroups):
+            want = inodes.tail_mask(g) | in_use.get(g, 0)
+            total_ifree += BPB - want.bit_count()
+            try:
+                have = inodes._bits(g)
+            except CorruptionError:
+                continue  # reported in pass 1
+            if have != want:
+                self.out.problem(f"inode bitmap group {g} differs from the inodes in use")
+                self.out.bitmap_damage.append(f"inode bitmap {g}")
+        if store.state.free_inodes != total_ifree:
+            self.out.problem(f"free inode count is {store.state.free_inodes}, counted "
+                             f"{total_ifree}")
+            self.out.counts_wrong = True
+
+
+def scan(store: Store, progress: Callable[[str], None] | None = None) -> Scan:
+    """Check every structure of the volume behind ``store``; changes nothing."""
+    scanner = _Scanner(store, progress)
+    scanner.pass1()
+    scanner.pass2()
+    scanner.pass3()
+    scanner.pass4()
+    scanner.pass5()
+    return scanner.out

@@ -1,0 +1,322 @@
+"""Repairing a volume from what :func:`nexfs.checker.scan` found (fsck.nexfs -y).
+
+The order matters.  First the allocation bitmaps, summaries and free counts are rewritten
+from the scan's computed truth, so that every later fix can allocate and free through the
+ordinary store.  Then damaged inodes are cleared, damaged trees are rebuilt from what could
+be read, bad directory entries are dropped, unreachable inodes are linked into lost+found and
+pending orphans are freed.  Every change goes through the journal, so an interrupted repair
+is itself crash-safe.  fsck then scans again and fixes the counts that the structural repairs
+changed (link counts, '..', i_blocks).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+from collections.abc import Callable
+
+from .attr import ROOT_CTX
+from .bitmap import BPB, UNINIT, Bitmap, BitmapBlock, SummaryBlock
+from .checker import ROOT_INO, InodeInfo, Scan
+from .dirindex import DirIndex
+from .extents import ExtentMap
+from .fs import FileSystem
+from .inode import INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, free_slot
+from .layout import SUMMARY_ENTRIES
+from .metastore import BLOCK_SIZE
+from .store import Store
+from .types import BlockNo, CorruptionError, FsError, InodeNo
+
+log = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+
+def rewrite_bitmap(store: Store, bitmap: Bitmap, used: dict[int, int]) -> int:
+    """Make ``bitmap`` and its summary say exactly ``used``; returns the free count."""
+    total_free = 0
+    for s in range(-(-bitmap.ngroups // SUMMARY_ENTRIES)):
+        nvalid = min(SUMMARY_ENTRIES, bitmap.ngroups - s * SUMMARY_ENTRIES)
+        entries = [0] * SUMMARY_ENTRIES
+        for i in range(nvalid):
+            g = s * SUMMARY_ENTRIES + i
+            want = used.get(g, 0) | bitmap.tail_mask(g)
+            free = BPB - want.bit_count()
+            total_free += free
+            try:
+                old_entry = bitmap.summary_entry(g)
+            except CorruptionError:
+                old_entry = None
+            blkno = BlockNo(bitmap.bitmap_start + g)
+            if want == bitmap.tail_mask(g) and old_entry is not None and old_entry & UNINIT:
+                entries[i] = UNINIT | free
+                continue
+            try:
+                blk = bitmap.group(g, create=False)
+            except CorruptionError:
+                blk = None
+            if blk is None:
+                store.put_new(BitmapBlock(blkno, bitmap.magic, g, want))
+            elif blk.bits != want:
+                blk.bits = want
+                store.dirty(blk)
+            entries[i] = free
+        sblk = BlockNo(bitmap.summary_start + s)
+        store.put_new(SummaryBlock(sblk, bitmap.summary_magic, s, entries))
+    bitmap.pending.clear()
+    bitmap.pending_new.clear()
+    bitmap.pending_count = 0
+    return total_free
+
+
+class Repairer:
+    """Applies the fixes for one :class:`Scan` to a writable store."""
+
+    def __init__(self, store: Store, found: Scan, say: Say) -> None:
+        self.store = store
+        self.found = found
+        self.say = say
+        self.fs = FileSystem(store)
+
+    def run(self) -> None:
+        self.allocation()
+        self.bad_inodes()
+        self.damaged_trees()
+        self.entries()
+        self.orphans()
+        self.reconnect()
+        self.fs.inodes.flush()
+        self.store.commit(durable=True)
+
+    def allocation(self) -> None:
+        found, store = self.found, self.store
+        if not (found.bitmap_damage or found.counts_wrong or found.bad_inodes
+                or any(i.tree_damage or i.xattr_damage for i in found.inodes.values())):
+            return
+        self.say("rewriting the allocation bitmaps from the blocks and inodes in use")
+        bfree = rewrite_bitmap(store, store.blocks, found.used_blocks)
+        ifree = rewrite_bitmap(store, store.inodes, found.used_inodes)
+        state = store.state
+        state.free_blocks = bfree
+        state.free_inodes = ifree
+        store.dirty(state)
+
+    def bad_inodes(self) -> None:
+        seed = self.store.volume_seed
+        for ino in self.found.bad_inodes:
+            self.say(f"clearing inode {ino}")
+            self.store.write_inode_raw(InodeNo(ino), free_slot(InodeNo(ino), seed))
+
+    def damaged_trees(self) -> None:
+        fs = self.fs
+        for ino, info in self.found.inodes.items():
+            if not (info.tree_damage or info.xattr_damage or info.conflicts or info.past_eof):
+                continue
+            inode = fs.inodes.get(ino)
+            if info.xattr_damage:
+                self.say(f"inode {ino}: dropping its damaged extended attributes")
+                inode.xattr_root = 0
+            if inode.is_dir and info.tree_damage:
+                self._rebuild_directory(info)
+            elif info.tree_damage and not inode.is_dir and not (
+                inode.is_symlink and inode.flags & INODE_FLAG_INLINE
+            ):
+                self._rebuild_extents(info)
+            elif info.conflicts or info.past_eof:
+                data = fs._data(inode)
+                for lblk, _phys, n in info.conflicts:
+                    self.say(f"inode {ino}: unmapping blocks shared with another file")
+                    data.emap.punch(lblk, n)  # the blocks stay with their other owner
+                    inode.blocks -= n
+                if info.past_eof:
+                    self.say(f"inode {ino}: freeing blocks past the end of the file")
+                    keep = -(-inode.size // BLOCK_SIZE)
+                    data.free_runs(data.emap.punch(keep, None))
+            elif info.tree_damage:
+                self.say(f"inode {ino}: bad symlink; clearing it")
+                inode.size = 0
+                inode.nlink = 0
+            fs._dirty(inode)
+
+    def _rebuild_extents(self, info: InodeInfo) -> None:
+        fs = self.fs
+        inode = fs.inodes.get(info.ino)
+        self.say(f"inode {info.ino}: rebuilding its extent map from {len(info.runs)} "
+                 "readable extent(s)")
+        inode.area[:] = bytes(len(inode.area))
+        emap = ExtentMap(fs._owned(inode), InodeNo(inode.ino), inode.area,
+                         lambda: fs._dirty(inode))
+        inode.blocks = 0
+        for lblk, phys, n in info.runs:
+            emap.insert(lblk, phys, n)
+            inode.blocks += n
+        end = max((lblk + n for lblk, _p, n in info.runs), default=0) * BLOCK_SIZE
+        inode.size = min(inode.size, end) if info.runs else 0
+
+    def _rebuild_directory(self, info: InodeInfo) -> None:
+        fs = self.fs
+        inode = fs.inodes.get(info.ino)
+        self.say(f"directory {info.ino}: rebuilding its index from {len(info.entries)} "
+                 "readable entries")
+        inode.area[:] = bytes(len(inode.area))
+        inode.blocks = 0
+        index = DirIndex(fs._owned(inode), InodeNo(inode.ino), 0, self.store.sb.hash_key)
+        for _cookie, name, child, dtype in info.entries:
+            if child in self.found.inodes:
+                try:
+                    index.insert(name, child, dtype)
+                except FsError:
+                    continue
+        fs._dir_changed(inode, index)
+
+    def entries(self) -> None:
+        fs = self.fs
+        drops = [(d, n) for d, n, _w in self.found.bad_entries]
+        drops += [(d, n) for d, n, _c in self.found.extra_parents]
+        for dino, name in drops:
+            if self.found.inodes[dino].tree_damage:
+                continue  # rebuilt without it
+            self.say(f"directory {dino}: removing entry {name!r}")
+            directory = fs.inodes.get(dino)
+            index = fs._dir(directory)
+            try:
+                index.remove(name)
+            except FsError:
+                continue
+            fs._dir_changed(directory, index)
+        for dino, name, child, want in self.found.wrong_dtype:
+            directory = fs.inodes.get(dino)
+            index = fs._dir(directory)
+            self.say(f"directory {dino}: fixing the type of entry {name!r}")
+            try:
+                index.replace(name, child, want)
+            except FsError:
+                continue
+            fs._dir_changed(directory, index)
+
+    def orphans(self) -> None:
+        fs = self.fs
+        state = self.store.state
+        if state.orphan_head:
+            state.orphan_head = 0
+            self.store.dirty(state)
+        for ino, info in self.found.inodes.items():
+            if info.inode.flags & INODE_FLAG_ORPHAN:
+                inode = fs.inodes.get(ino)
+                inode.flags &= ~INODE_FLAG_ORPHAN
+                inode.orphan_next = 0
+                fs._dirty(inode)
+        for ino in self.found.orphans:
+            self.say(f"freeing deleted inode {ino}")
+            fs._free_inode(fs.inodes.get(ino))
+
+    def _lost_found(self) -> int:
+        fs = self.fs
+        try:
+            attr = fs.lookup(ROOT_INO, b"lost+found", ROOT_CTX)
+            if stat.S_ISDIR(attr.mode):
+                return attr.ino
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        self.say("creating /lost+found")
+        try:
+            return fs.mkdir(ROOT_INO, b"lost+found", 0o700, ROOT_CTX).ino
+        except FsError:
+            return fs.mkdir(ROOT_INO, b"lost+found.fsck", 0o700, ROOT_CTX).ino
+
+    def reconnect(self) -> None:
+        found = self.found
+        lost = [i for i in found.unreachable if i in found.inodes and i not in found.orphans]
+        if not lost:
+            return
+        named: dict[int, list[tuple[int, bytes]]] = {}
+        for dino, info in found.inodes.items():
+            for _c, name, child, _t in info.entries:
+                named.setdefault(child, []).append((dino, name))
+        unreachable = set(lost)
+        fs = self.fs
+        lf_ino = self._lost_found()
+        lf = fs.inodes.get(lf_ino)
+        done: set[int] = set()
+        pending = set(unreachable)
+        while pending:
+            # Roots: not named by any unreachable directory that is still pending.
+            roots = [i for i in pending
+                     if not any(d in pending for d, _n in named.get(i, []))]
+            if not roots:
+                roots = [min(pending)]  # a cycle: cut it at one directory
+            for ino in roots:
+                inode = fs.inodes.get(ino)
+                for dino, name in named.get(ino, []):
+                    if dino in unreachable:
+                        directory = fs.inodes.get(dino)
+                        index = fs._dir(directory)
+                        try:
+                            index.remove(name)
+                            fs._dir_changed(directory, index)
+                        except FsError:
+                            pass
+                name = f"#{ino}".encode()
+                self.say(f"linking inode {ino} into lost+found as {name.decode()}")
+                index = fs._dir(lf)
+                index.insert(name, ino, stat.S_IFMT(inode.mode) >> 12)
+                fs._dir_changed(lf, index)
+                if inode.is_dir:
+                    inode.parent = lf_ino
+                if inode.nlink == 0:
+                    inode.nlink = 1
+                fs._dirty(inode)
+                done.add(ino)
+            # Everything below a reconnected directory is reachable again.
+            frontier = [i for i in roots if fs.inodes.get(i).is_dir]
+            while frontier:
+                d = frontier.pop()
+                for _c, _n, child, _t in found.inodes[d].entries if d in found.inodes else []:
+                    if child in pending and child not in done:
+                        done.add(child)
+                        if child in found.inodes and found.inodes[child].inode.is_dir:
+                            frontier.append(child)
+            pending -= done
+
+
+def fix_counts(store: Store, found: Scan, say: Say) -> None:
+    """Second round: link counts, '..' and i_blocks from a fresh scan of the repaired tree."""
+    fs = FileSystem(store)
+    for ino, info in found.inodes.items():
+        inode = fs.inodes.get(ino)
+        changed = False
+        if inode.is_dir:
+            want = 2 + info.subdirs
+            parent = info.parents[0] if info.parents else (ROOT_INO if ino == ROOT_INO else 0)
+            if ino == ROOT_INO:
+                parent = ROOT_INO
+            if parent and inode.parent != parent:
+                say(f"directory {ino}: setting '..' to {parent}")
+                inode.parent = parent
+                changed = True
+        else:
+            want = info.links
+        if inode.nlink != want and ino not in found.unreachable:
+            say(f"inode {ino}: link count {inode.nlink} -> {want}")
+            inode.nlink = want
+            changed = True
+        if not info.tree_damage and not info.xattr_damage:
+            expect = info.expected_blocks()
+            if inode.blocks != expect:
+                say(f"inode {ino}: i_blocks {inode.blocks} -> {expect}")
+                inode.blocks = expect
+                changed = True
+        if changed:
+            fs._dirty(inode)
+    if found.bitmap_damage or found.counts_wrong:
+        bfree = rewrite_bitmap(store, store.blocks, found.used_blocks)
+        ifree = rewrite_bitmap(store, store.inodes, found.used_inodes)
+        state = store.state
+        if (state.free_blocks, state.free_inodes) != (bfree, ifree):
+            say("fixing the free block and inode counts")
+            state.free_blocks, state.free_inodes = bfree, ifree
+            store.dirty(state)
+    fs.inodes.flush()
+    store.commit(durable=True)
