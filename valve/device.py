@@ -1,0 +1,260 @@
+"""The device under the valve: one open ``nx_dev`` and the copies (or not) around it.
+
+This module knows sectors, buffers and errno; it knows nothing about capabilities.
+``valve.valve`` decides *whether* an operation may happen, this module does it.
+Arguments that reach it have passed the capability check and the range check;
+it still refuses wrong lengths and unusable buffers before any syscall.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from native import ffi, lib
+from valve.buffer import AlignedBuffer, is_valve_memory
+from valve.errors import CapabilityError, DeviceError, RangeError, io_error, open_error
+
+if TYPE_CHECKING:
+    from valve.interface import Buffer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Device"]
+
+#: The smallest bounce buffer kept per thread: most unaligned writes are a few blocks.
+_MIN_BOUNCE = 64 * 1024
+
+
+class Device:
+    """An open disk image or block device, with its geometry and per-thread bounce buffer."""
+
+    __slots__ = (
+        "_bounce",
+        "_dev",
+        "_mask",
+        "_page_aligned",
+        "buffer_align",
+        "is_blockdev",
+        "mem_align",
+        "path",
+        "read_only",
+        "sector_size",
+        "total_sectors",
+    )
+
+    def __init__(self, path: str, *, read_only: bool, sector_size: int | None) -> None:
+        self.path = path
+        self._dev = ffi.new("struct nx_dev *")
+        rc = lib.nx_open(os.fsencode(path), int(read_only), self._dev)
+        if rc < 0:
+            raise open_error(rc, self._dev.stage, path, read_only=read_only)
+        native = self._dev.sector_size
+        if sector_size is not None and sector_size != native:
+            # A larger logical sector than the device's is just a coarser unit of I/O,
+            # as long as it is still a whole number of device sectors.
+            if (
+                sector_size <= 0
+                or sector_size & (sector_size - 1)
+                or sector_size % native
+                or sector_size > mmap.PAGESIZE
+            ):
+                lib.nx_close(self._dev)
+                raise RangeError(
+                    f"sector size {sector_size} is not a power-of-two multiple of the "
+                    f"device's {native} up to {mmap.PAGESIZE}",
+                    path,
+                )
+            self._dev.sector_size = sector_size
+            self._dev.total_sectors = self._dev.size_bytes // sector_size
+        self.read_only = read_only
+        self.is_blockdev = bool(self._dev.is_blockdev)
+        self.sector_size: int = self._dev.sector_size
+        self.total_sectors: int = self._dev.total_sectors
+        self.mem_align: int = self._dev.mem_align
+        # Buffers must satisfy both the DMA and the offset alignment: an aligned buffer
+        # sliced at sector boundaries must stay usable for O_DIRECT.
+        self.buffer_align: int = max(self.sector_size, self.mem_align, 4096)
+        self._mask = max(self.sector_size, self.mem_align) - 1
+        # AlignedBuffer is an mmap: when a page satisfies the device, its address never
+        # needs checking.
+        self._page_aligned = self._mask < mmap.PAGESIZE
+        self._bounce = threading.local()
+        log.debug(
+            "opened %s: %s, sector %d, %d sectors, mem align %d%s",
+            path,
+            "block device" if self.is_blockdev else "image file",
+            self.sector_size,
+            self.total_sectors,
+            self.mem_align,
+            ", read-only" if read_only else "",
+        )
+
+    @property
+    def fd(self) -> int:
+        """The descriptor (-1 once closed); for diagnostics, never for I/O around the valve."""
+        return int(self._dev.fd)
+
+    def counters(self) -> tuple[int, int, int, int, int]:
+        """(reads, writes, sectors_read, sectors_written, barriers), kept by the core."""
+        d = self._dev
+        return (
+            int(d.reads), int(d.writes), int(d.sectors_read), int(d.sectors_written),
+            int(d.barriers),
+        )
+
+    def close(self) -> None:
+        rc = lib.nx_close(self._dev)
+        if rc < 0:
+            raise io_error(rc, self.path, "close")
+
+    def alloc(self, nbytes: int) -> AlignedBuffer:
+        if self.buffer_align > mmap.PAGESIZE:
+            raise DeviceError(
+                errno.EINVAL,
+                f"needs {self.buffer_align}-byte buffer alignment, above the page size",
+                self.path,
+            )
+        return AlignedBuffer(nbytes)
+
+    def _bounce_buffer(self, nbytes: int) -> Any:
+        """This thread's aligned scratch buffer of at least ``nbytes`` (a ``char *``)."""
+        local = self._bounce
+        buf = getattr(local, "buf", None)
+        if buf is None or local.size < nbytes:
+            size = max(nbytes, _MIN_BOUNCE)
+            buf = _aligned_alloc(self.buffer_align, size)
+            local.buf = buf
+            local.size = size
+        return buf
+
+    def _direct(self, obj: object, ptr: Any, nbytes: int) -> bool:
+        """May this memory go straight to O_DIRECT? (see valve.buffer for the rule)."""
+        return (
+            is_valve_memory(obj)
+            and nbytes % self.sector_size == 0
+            and int(ffi.cast("uintptr_t", ptr)) & self._mask == 0
+        )
+
+    # -- transfers; each returns the number of bounce copies it made -----------------
+
+    def read(self, lba: int, count: int, into: Buffer | None) -> tuple[memoryview, int]:
+        nbytes = count * self.sector_size
+        if into is None:
+            # Fresh aligned memory owned by the returned view: zero copy, no bounce.
+            buf = _aligned_alloc(self.buffer_align, nbytes)
+            self._check(lib.nx_read(self._dev, lba, buf, nbytes), "read", lba, count)
+            return memoryview(ffi.buffer(buf, nbytes)), 0
+        if type(into) is AlignedBuffer and self._page_aligned and len(into) >= nbytes:
+            # The common case, kept short: an mmap is page aligned, nothing to compute.
+            target = ffi.from_buffer(into, require_writable=True)
+            self._check(lib.nx_read(self._dev, lba, target, nbytes), "read", lba, count)
+            view = memoryview(into)
+            return (view if len(into) == nbytes else view[:nbytes]), 0
+        view = memoryview(into)
+        if view.readonly:
+            raise TypeError("into= must be a writable buffer")
+        if view.nbytes < nbytes:
+            raise RangeError(
+                f"into= holds {view.nbytes} bytes, the read needs {nbytes}", self.path
+            )
+        target = ffi.from_buffer(view, require_writable=True)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if self._direct(into, target, nbytes):
+            self._check(lib.nx_read(self._dev, lba, target, nbytes), "read", lba, count)
+            return view[:nbytes], 0
+        bounce = self._bounce_buffer(nbytes)
+        self._check(lib.nx_read(self._dev, lba, bounce, nbytes), "read", lba, count)
+        ffi.memmove(target, bounce, nbytes)
+        return view[:nbytes], 1
+
+    def write(
+        self, lba: int, count: int, data: Buffer | Sequence[Buffer], durable: bool
+    ) -> int:
+        nbytes = count * self.sector_size
+        if isinstance(data, list | tuple):
+            return self._writev(lba, count, nbytes, data, durable)
+        if type(data) is AlignedBuffer and self._page_aligned and len(data) == nbytes:
+            rc = lib.nx_write(self._dev, lba, ffi.from_buffer(data), nbytes, int(durable))
+            self._check(rc, "write", lba, count)
+            return 0
+        src = ffi.from_buffer(data)
+        if len(src) != nbytes:
+            raise RangeError(
+                f"data is {len(src)} bytes, {count} sectors need {nbytes}", self.path
+            )
+        if self._direct(data, src, nbytes):
+            rc = lib.nx_write(self._dev, lba, src, nbytes, int(durable))
+            self._check(rc, "write", lba, count)
+            return 0
+        bounce = self._bounce_buffer(nbytes)
+        ffi.memmove(bounce, src, nbytes)
+        self._check(lib.nx_write(self._dev, lba, bounce, nbytes, int(durable)), "write", lba, count)
+        return 1
+
+    def _writev(
+        self, lba: int, count: int, nbytes: int, data: Sequence[Buffer], durable: bool
+    ) -> int:
+        srcs = [ffi.from_buffer(piece) for piece in data]
+        total = sum(len(src) for src in srcs)
+        if total != nbytes:
+            raise RangeError(
+                f"data pieces total {total} bytes, {count} sectors need {nbytes}", self.path
+            )
+        sector = self.sector_size
+        iov = ffi.new("struct iovec[]", len(srcs) or 1)
+        used = 0
+        copies = 0
+        bounce: Any = None
+        filled = 0  # bytes of the bounce buffer in use
+        run = -1  # start of the open bounce run, -1 when none
+        for piece, src in zip(data, srcs, strict=True):
+            size = len(src)
+            if size == 0:
+                continue
+            # A piece may go direct only where the I/O so far ends on a sector boundary:
+            # an open bounce run of a partial sector must absorb what follows.
+            if (run < 0 or (filled - run) % sector == 0) and self._direct(piece, src, size):
+                if run >= 0:
+                    iov[used].iov_base = bounce + run
+                    iov[used].iov_len = filled - run
+                    used += 1
+                    run = -1
+                iov[used].iov_base = src
+                iov[used].iov_len = size
+                used += 1
+                continue
+            if bounce is None:
+                bounce = ffi.cast("char *", self._bounce_buffer(nbytes))
+            if run < 0:
+                run = filled
+            ffi.memmove(bounce + filled, src, size)
+            filled += size
+            copies += 1
+        if run >= 0:
+            iov[used].iov_base = bounce + run
+            iov[used].iov_len = filled - run
+            used += 1
+        rc = lib.nx_writev(self._dev, lba, iov, used, int(durable))
+        self._check(rc, "write", lba, count)
+        return copies
+
+    def _check(self, rc: int, what: str, lba: int, count: int) -> None:
+        if rc < 0:
+            if rc == -errno.EBADF and self._dev.closing:
+                # Lost a race with Valve.close: to the caller that is a revoked capability.
+                raise CapabilityError(f"{what}: valve is closed", self.path)
+            raise io_error(rc, self.path, f"{what} of {count} sectors at lba {lba}")
+
+
+def _aligned_alloc(align: int, nbytes: int) -> Any:
+    ptr = lib.nx_alloc(align, nbytes)
+    if ptr == ffi.NULL:
+        raise MemoryError(f"cannot allocate {nbytes} aligned bytes")
+    return ffi.gc(ptr, lib.nx_free, size=nbytes)
