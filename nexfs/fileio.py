@@ -69,6 +69,11 @@ class FileData:
             return 0
         if offset < 0:
             raise FsError(errno.EINVAL)
+        if offset > self.inode.size and self.inode.size % BLOCK_SIZE and (
+            offset // BLOCK_SIZE != self.inode.size // BLOCK_SIZE
+        ):
+            # The write leaves a gap after the old EOF: zero the rest of the old last block.
+            self._zero_tail(self.inode.size)
         if offset >= MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
         if offset + length > MAX_FILE_SIZE:
@@ -107,15 +112,24 @@ class FileData:
         return length
 
     def _load_block(self, lblk: int, into: memoryview) -> None:
-        """Current contents of one logical block (zeros for a new block or past EOF)."""
-        if lblk * BLOCK_SIZE >= self.inode.size:
+        """Current contents of one logical block: zeros for a hole and past end of file.
+
+        Bytes past EOF may hold what a truncate cut off (the tail is not zeroed at
+        truncate time: that would change the committed file in place before the size
+        change commits), so they are zeroed here, before a write extends over them.
+        """
+        size = self.inode.size
+        if lblk * BLOCK_SIZE >= size:
             into[:] = _ZERO_BLOCK
             return
         ((_l, phys, _n),) = self.emap.map(lblk, 1)
         if phys == 0:
             into[:] = _ZERO_BLOCK
-        else:
-            self.store.read_data(BlockNo(phys), 1, into=into)
+            return
+        self.store.read_data(BlockNo(phys), 1, into=into)
+        tail = size - lblk * BLOCK_SIZE
+        if tail < BLOCK_SIZE:
+            into[tail:] = bytes(BLOCK_SIZE - tail)
 
     def _fill_holes(self, runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
         """Allocate blocks for the holes among ``runs``; returns the runs fully mapped.
@@ -145,8 +159,8 @@ class FileData:
     # -- truncating -------------------------------------------------------------------------
 
     def truncate(self, size: int) -> None:
-        """Set the file size; blocks wholly past the new end are freed, and the tail of a
-        partial last block is zeroed so a later extension reads zeros there."""
+        """Set the file size; blocks wholly past the new end are freed.  Growing zeroes the
+        old last block past the old end (it may hold bytes an earlier truncate cut off)."""
         if size < 0:
             raise FsError(errno.EINVAL)
         if size > MAX_FILE_SIZE:
@@ -155,8 +169,9 @@ class FileData:
         if size < old:
             keep = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
             self.free_runs(self.emap.punch(keep, None))
-            if size % BLOCK_SIZE:
-                self._zero_tail(size)
+        elif size > old and old % BLOCK_SIZE:
+            # Growing: what lies past the old EOF in its block must read as zeros.
+            self._zero_tail(old)
         self.inode.size = size
 
     def punch_hole(self, offset: int, length: int) -> None:
