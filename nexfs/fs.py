@@ -218,6 +218,7 @@ class FileSystem:
             raise FsError(errno.EIO, f"mkfs: lost+found got inode {lf.ino}")
         lf.nlink = 2
         lf.parent = ROOT_INO
+        lf.size = BLOCK_SIZE
         index = self._dir(root)
         index.insert(b"lost+found", lf.ino, _dtype(lf.mode))
         self._dir_changed(root, index)
