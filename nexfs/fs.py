@@ -33,6 +33,7 @@ from .dirindex import DirIndex
 from .fileio import FileData
 from .inode import DATA_AREA_SIZE, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
 from .inodes import InodeCache, OwnedStore
+from .layout import LOST_FOUND_INODE, ROOT_INODE
 from .metastore import BLOCK_SIZE
 from .store import Store
 from .types import CorruptionError, FsError, InodeNo
@@ -40,8 +41,8 @@ from .xattr import XattrStore
 
 log = logging.getLogger(__name__)
 
-ROOT_INO = InodeNo(1)
-LOST_FOUND_INO = InodeNo(2)
+ROOT_INO = InodeNo(ROOT_INODE)
+LOST_FOUND_INO = InodeNo(LOST_FOUND_INODE)
 NAME_MAX = 255
 SYMLINK_MAX = 4095
 LINK_MAX = 65000
@@ -118,6 +119,8 @@ class FileSystem:
         self.atime = atime
         self.inodes = InodeCache(store)
         self._refs: dict[int, int] = {}
+        self._error_at_open = store.error  # a volume opened read-only because marked ERROR
+        self._inodes_valid_for = store.error  # see _after_failure
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -146,7 +149,7 @@ class FileSystem:
         fs = cls(store, atime=atime)
         try:
             fs.inodes.get(ROOT_INO)
-            if not read_only:
+            if not fs.read_only:  # (a volume marked ERROR opens read-only)
                 fs._process_orphans()
         except BaseException:
             store.abort()
@@ -205,6 +208,11 @@ class FileSystem:
         elif isinstance(exc, Exception):
             log.exception("internal error")
             self.mark_error(f"internal error: {exc!r}")
+        if self.store.error is not None and self._inodes_valid_for is not self.store.error:
+            # The store discarded its running transaction: decoded inodes changed since the
+            # last commit may point at blocks that never reached the disk.  Read them again.
+            self._inodes_valid_for = self.store.error
+            self.inodes.clear()
 
     def _make_root(self) -> None:
         now = _now()
@@ -273,7 +281,22 @@ class FileSystem:
         hit = self._dir(parent).lookup(name)
         if hit is None:
             return None
-        return self.inodes.get(hit[0])
+        return self._entry_inode(parent, name, hit[0])
+
+    def _entry_inode(self, directory: Inode, name: bytes, ino: int) -> Inode:
+        """The inode a directory entry names.  A name is removed before its inode is freed,
+        so an entry naming a free inode is a damaged directory (EIO, read-only), not a
+        missing file (ENOENT)."""
+        try:
+            return self.inodes.get(ino)
+        except CorruptionError:
+            raise
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            raise CorruptionError(0, f"directory {directory.ino}",
+                                  f"entry {name!r} names inode {ino}, which is not in use"
+                                  ) from None
 
     def _new_inode(self, parent: Inode | None, mode: int, uid: int, gid: int,
                    now: int) -> Inode:
@@ -846,10 +869,19 @@ class FileSystem:
     def fsync(self, ino: int, datasync: bool) -> None:
         """Make the file's data and metadata durable (and everything committed before)."""
         self.inodes.get(ino)
-        self.commit(durable=True)
+        self._sync()
 
     def fsyncdir(self, ino: int) -> None:
         self._get_dir(ino)
+        self._sync()
+
+    def _sync(self) -> None:
+        # After an error the running transaction was discarded: changes made before the
+        # failure may be lost, so no later fsync may report success (commit() on a
+        # read-only volume returns quietly, which is right for the timer, not for fsync).
+        if self.store.error is not None and self.store.error is not self._error_at_open:
+            raise FsError(errno.EIO, f"filesystem is read-only after an error: "
+                                     f"{self.store.error}")
         self.commit(durable=True)
 
     # -- directories ------------------------------------------------------------------------
@@ -872,7 +904,7 @@ class FileSystem:
         yield from head
         for entry_cookie, name, child, _kind in self._dir(directory).iter_from(cookie):
             try:
-                attr = self._attr(self.inodes.get(child))
+                attr = self._attr(self._entry_inode(directory, name, child))
             except CorruptionError as exc:
                 self._after_failure(exc, changed=False)
                 raise
