@@ -48,7 +48,7 @@ class BlockDev:
         ss = int(info.sector_size)
         if ss <= 0 or BLOCK_SIZE % ss:
             raise FsError(errno.EINVAL, f"unsupported sector size {ss}")
-        self.dev = dev
+        self._dev = dev  # the capability: private, never handed out (docs/VALVE.md)
         self.sector_size = ss
         self.spb = BLOCK_SIZE // ss  # sectors per block
         self.nblocks = int(info.total_sectors) // self.spb
@@ -61,15 +61,19 @@ class BlockDev:
 
     def alloc(self, nblocks: int) -> memoryview:
         """An aligned, writable buffer of ``nblocks`` blocks (for zero-copy I/O)."""
-        buf = memoryview(self.dev.alloc_buffer(nblocks * BLOCK_SIZE))
+        buf = memoryview(self._dev.alloc_buffer(nblocks * BLOCK_SIZE))
         if buf.format != "B" or buf.ndim != 1:
             buf = buf.cast("B")
         return buf
 
+    def alloc_buffer(self, nbytes: int) -> Any:
+        """An aligned buffer of ``nbytes`` from the device (zero-copy I/O)."""
+        return self._dev.alloc_buffer(nbytes)
+
     def read_blocks(self, blkno: int, count: int, into: Any = None) -> memoryview:
         """Read ``count`` blocks; a short read is an error, never zero-filled."""
         lba = self._lba(blkno, count)
-        mv = memoryview(self.dev.block_read(lba, count * self.spb, into))
+        mv = memoryview(self._dev.block_read(lba, count * self.spb, into))
         if mv.nbytes != count * BLOCK_SIZE:
             raise FsError(errno.EIO, f"short read at block {blkno}: {mv.nbytes} bytes")
         if mv.format != "B" or mv.ndim != 1:
@@ -86,7 +90,7 @@ class BlockDev:
             size = memoryview(cast(Any, data)).nbytes
         if size != count * BLOCK_SIZE:
             raise FsError(errno.EINVAL, f"write of {count} blocks at {blkno} given {size} bytes")
-        self.dev.block_write(lba, count * self.spb, data, durable=durable)
+        self._dev.block_write(lba, count * self.spb, data, durable=durable)
 
 
 Filler = Callable[[memoryview], None]

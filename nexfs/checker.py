@@ -17,9 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .bitmap import BPB, COUNT_MASK, UNINIT, range_mask
-from .dirindex import DirIndex
-from .extents import INLINE_MAX, MAX_FILE_BLOCKS, ExtentMap
+from .blockdev import BlockDev
+from .btree import KIND_DIR, KIND_EXTENTS, LeafCheck, Node, decode_node
+from .dirindex import ENTRY_HEADER, DirIndex
+from .dirindex import _leaf_check as dir_leaf_check
+from .extents import AREA_HEADER, MAX_FILE_BLOCKS, TREE_VALUE, ExtentMap
 from .inode import DATA_AREA_SIZE, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
+from .layout import SB_PRIMARY, Superblock
 from .metastore import BLOCK_SIZE, MetaBlock
 from .store import Store
 from .types import BlockNo, CorruptionError, FsError, InodeNo
@@ -95,6 +99,7 @@ class Scan:
     stray_orphan_flags: list[int] = field(default_factory=list)
     bitmap_damage: list[str] = field(default_factory=list)
     counts_wrong: bool = False
+    max_generation: int = 0
 
     def problem(self, message: str) -> None:
         self.problems.append(message)
@@ -102,6 +107,43 @@ class Scan:
     @property
     def clean(self) -> bool:
         return not self.problems
+
+
+def _salvage_tree(store: Store, owner: int, root: int, kind: int,
+                  leaf_check: LeafCheck) -> list[tuple[int, bytes]]:
+    """(key, value) of every leaf of a damaged B+tree that can still be read and belongs
+    where it hangs, in key order.  Damaged nodes and whatever hangs below them are skipped."""
+    out: list[tuple[int, bytes]] = []
+    seen: set[int] = set()
+    seed, nblocks = store.volume_seed, store.geo.nblocks
+
+    def decode(blkno: BlockNo, raw: memoryview) -> Node:
+        return decode_node(blkno, raw, volume_seed=seed, owner=owner, kind=kind,
+                           nblocks=nblocks, leaf_check=leaf_check)
+
+    def walk(blkno: int, level: int | None, lo: int, hi: int) -> None:
+        if blkno in seen or not 0 < blkno < nblocks:
+            return
+        seen.add(blkno)
+        try:
+            node = store.get(BlockNo(blkno), decode)
+        except FsError:
+            return
+        if not isinstance(node, Node) or node.owner != owner or node.kind != kind or (
+            level is not None and node.level != level
+        ):
+            return
+        if node.level == 0:
+            out.extend((k, v) for k, v in zip(node.keys, node.vals, strict=True)
+                       if lo <= k < hi)
+            return
+        fences = [*node.keys[1:], hi]
+        for i, child in enumerate(node.kids):
+            walk(child, node.level - 1, max(lo, node.keys[i]), min(hi, fences[i]))
+
+    if root:
+        walk(root, None, 0, 1 << 64)
+    return out
 
 
 def _set_bits(bits: int) -> Iterator[int]:
@@ -195,6 +237,7 @@ class _Scanner:
             return
         info = InodeInfo(inode)
         self.out.inodes[ino] = info
+        self.out.max_generation = max(self.out.max_generation, inode.generation)
         kind = stat.S_IFMT(inode.mode)
         if kind == stat.S_IFREG or (kind == stat.S_IFLNK and not inode.flags & INODE_FLAG_INLINE):
             self._extents(info)
@@ -224,6 +267,7 @@ class _Scanner:
         ino = info.ino
         inode = info.inode
         tracker = Tracker(self.store)
+        emap: ExtentMap | None = None
         try:
             emap = ExtentMap(tracker, InodeNo(ino), bytearray(inode.area), lambda: None)
             for lblk, phys, n in emap.extents():
@@ -234,6 +278,9 @@ class _Scanner:
         except CorruptionError as exc:
             self.out.problem(f"inode {ino}: {exc}")
             info.tree_damage = str(exc)
+            info.runs = []
+            if emap is not None and not emap.is_inline:
+                info.runs = self._salvage_extents(emap, ino, inode.area)
         info.tree_blocks = [] if info.tree_damage else sorted(set(tracker.seen))
         kept = []
         for lblk, phys, n in info.runs:
@@ -244,9 +291,6 @@ class _Scanner:
                                  "by another file")
                 info.conflicts.append((lblk, phys, n))
         info.runs = kept
-        if info.tree_damage:
-            # Salvage what fits inline; the rest of the file is lost.
-            info.runs = info.runs[:INLINE_MAX]
         if info.runs and not info.tree_damage:
             lblk, _p, n = info.runs[-1]
             end_block = lblk + n
@@ -256,23 +300,48 @@ class _Scanner:
                                  f"(size {inode.size})")
                 info.past_eof = True
 
+    def _salvage_extents(self, emap: ExtentMap, ino: int,
+                         area: bytes | bytearray) -> list[tuple[int, int, int]]:
+        """The extents of every readable leaf of a damaged extent tree (what the repair
+        rebuilds the file from; the rest of the file becomes a hole)."""
+        root = AREA_HEADER.unpack_from(area, 0)[4]
+        runs: list[tuple[int, int, int]] = []
+        end = 0
+        for lblk, value in _salvage_tree(self.store, ino, root, KIND_EXTENTS,
+                                         emap._leaf_check):
+            n, phys = TREE_VALUE.unpack(value)
+            if lblk >= end and self._in_data_area(phys, n) and lblk + n <= MAX_FILE_BLOCKS:
+                runs.append((lblk, phys, n))
+                end = lblk + n
+        return runs
+
     def _directory(self, info: InodeInfo) -> None:
         ino = info.ino
         (root,) = _ROOT_AREA.unpack_from(info.inode.area, 0)
         tracker = Tracker(self.store)
+        index = DirIndex(tracker, InodeNo(ino), root, self.hash_key)
         try:
             if any(info.inode.area[8:]):
                 raise CorruptionError(0, f"directory {ino}", "unused part of the area is set")
-            index = DirIndex(tracker, InodeNo(ino), root, self.hash_key)
             for cookie, name, child, dtype in index.iter_from(0):
                 index.check_hash(cookie, name)
                 info.entries.append((cookie, name, child, dtype))
-        except CorruptionError as exc:
+        except FsError as exc:
             self.out.problem(f"directory {ino}: {exc}")
             info.tree_damage = str(exc)
-        except FsError as exc:
-            self.out.problem(f"directory {ino}: bad entry: {exc}")
-            info.tree_damage = str(exc)
+            # Keep every entry of every readable leaf: the repair rebuilds the index from
+            # them, and only the names in damaged leaves are lost (their inodes go to
+            # lost+found).
+            info.entries = []
+            for cookie, value in _salvage_tree(self.store, ino, root, KIND_DIR,
+                                               dir_leaf_check):
+                child, dtype, _n = ENTRY_HEADER.unpack_from(value, 0)
+                name = bytes(value[ENTRY_HEADER.size:])
+                try:
+                    index.check_hash(cookie, name)
+                except FsError:
+                    continue
+                info.entries.append((cookie, name, child, dtype))
         info.tree_blocks = [] if info.tree_damage else sorted(set(tracker.seen))
 
     def _xattrs(self, info: InodeInfo) -> None:
@@ -370,6 +439,8 @@ class _Scanner:
             if info.inode.flags & INODE_FLAG_ORPHAN and ino not in seen:
                 self.out.problem(f"inode {ino} is flagged as an orphan but not on the list")
                 self.out.stray_orphan_flags.append(ino)
+                if info.inode.nlink == 0 and info.links == 0:
+                    on_list.append(ino)  # a deletion that lost its list: finish it
         for ino in on_list:
             info = inodes[ino]
             if info.inode.nlink == 0 and info.links == 0:
@@ -444,12 +515,41 @@ class _Scanner:
             self.out.counts_wrong = True
 
 
+def superblock_problems(bdev: BlockDev) -> list[str]:
+    """The superblock copies that cannot be used, as problems.  Call it before opening the
+    store writable: that rewrites both copies (which is also how fsck -y repairs them)."""
+    copies: dict[int, Superblock | FsError] = {}
+
+    def decode(where: int) -> Superblock | FsError:
+        if where not in copies:
+            try:
+                copies[where] = Superblock.decode(bdev.read_blocks(where, 1), where)
+            except FsError as exc:
+                copies[where] = exc
+        return copies[where]
+
+    primary = decode(SB_PRIMARY)
+    backup_at = primary.geo.backup_sb if isinstance(primary, Superblock) else bdev.nblocks - 1
+    backup = decode(backup_at)
+    if not isinstance(primary, Superblock) and not isinstance(backup, Superblock):
+        return []  # opening the store refuses, and says why
+    return [f"{name} superblock (block {where}) is unusable: {copy}"
+            for name, where, copy in (("primary", SB_PRIMARY, primary),
+                                      ("backup", backup_at, backup))
+            if not isinstance(copy, Superblock)]
+
+
 def scan(store: Store, progress: Callable[[str], None] | None = None) -> Scan:
-    """Check every structure of the volume behind ``store``; changes nothing."""
+    """Check every structure of the volume behind ``store``; changes nothing (the damage it
+    meets is reported in the result, not turned into the store's error state)."""
     scanner = _Scanner(store, progress)
-    scanner.pass1()
-    scanner.pass2()
-    scanner.pass3()
-    scanner.pass4()
-    scanner.pass5()
+    if store.state_damage:
+        scanner.out.problem(f"state block: {store.state_damage}")
+        scanner.out.counts_wrong = True
+    with store.tolerating_damage():
+        scanner.pass1()
+        scanner.pass2()
+        scanner.pass3()
+        scanner.pass4()
+        scanner.pass5()
     return scanner.out

@@ -1,19 +1,19 @@
 """nexfs info: the superblock and free space of a volume, in human terms (like dumpe2fs -h).
 
 Opens the target read-only; a volume whose journal needs replaying is shown as it will be
-after replay (the replay happens in memory only).  Exit codes: 0 shown, 8 could not open.
+after replay (the replay happens in memory only).  Exit codes: 0 shown, 1 usage error, 8 could
+not open the volume.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 import uuid
 
 from .layout import STATE_CLEAN, STATE_DIRTY, STATE_ERROR, NotNexfsError
 from .metastore import BLOCK_SIZE
 from .store import Store
-from .tool import UsageError, open_device, run_tool
+from .tool import ArgumentParser, UsageError, open_device, run_tool
 from .types import CorruptionError
 
 PROG = "nexfs info"
@@ -46,14 +46,20 @@ def describe_state(state: int, reason: str) -> str:
 def show(target: str) -> int:
     with open_device(target, read_only=True) as dev:
         try:
-            store = Store.open(dev, read_only=True, ignore_error=True)
+            store = Store.open(dev, read_only=True, ignore_error=True, salvage_state=True)
         except NotNexfsError as exc:
             raise UsageError(f"{target}: {exc}", 8) from None
         except CorruptionError as exc:
             raise UsageError(f"{target}: cannot read the volume: {exc}", 8) from None
         try:
             sb, geo, st = store.sb, store.geo, store.state
-            used = geo.nblocks - st.free_blocks
+            free_blocks, free_inodes = st.free_blocks, st.free_inodes
+            note = ""
+            if store.state_damage:
+                # The superblock keeps a copy of the counts as of its last write.
+                free_blocks, free_inodes = sb.free_blocks, sb.free_inodes
+                note = " (as of the last superblock write: the state block is damaged)"
+            used = geo.nblocks - free_blocks
             rows = [
                 ("Volume label", sb.label or "<none>"),
                 ("UUID", str(uuid.UUID(bytes=sb.uuid))),
@@ -61,9 +67,9 @@ def show(target: str) -> int:
                 ("State", describe_state(sb.state, sb.error_reason)),
                 ("Size", f"{_size(geo.nblocks * BLOCK_SIZE)} ({geo.nblocks} blocks of "
                          f"{BLOCK_SIZE} bytes)"),
-                ("Used", f"{_size(used * BLOCK_SIZE)} ({used} blocks)"),
-                ("Free", f"{_size(st.free_blocks * BLOCK_SIZE)} ({st.free_blocks} blocks)"),
-                ("Inodes", f"{geo.ninodes - st.free_inodes} used of {geo.ninodes}"),
+                ("Used", f"{_size(used * BLOCK_SIZE)} ({used} blocks){note}"),
+                ("Free", f"{_size(free_blocks * BLOCK_SIZE)} ({free_blocks} blocks){note}"),
+                ("Inodes", f"{geo.ninodes - free_inodes} used of {geo.ninodes}{note}"),
                 ("Sector size at mkfs", str(sb.sector_size)),
                 ("Journal", f"{geo.journal_len} blocks at {geo.journal_start}"),
                 ("Created", _when(sb.mkfs_time)),
@@ -81,9 +87,10 @@ def show(target: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Print the superblock of a NexFS "
-                                     "volume in human terms.", epilog="exit status: 0 shown, "
-                                     "8 could not open the volume")
+    parser = ArgumentParser(prog=PROG, usage_exit=1,
+                            description="Print the superblock of a NexFS volume in human terms.",
+                            epilog="exit status: 0 shown, 1 usage error, 8 could not open the "
+                                   "volume")
     parser.add_argument("target", metavar="TARGET", help="image file or block device")
     args = parser.parse_args(argv)
     return run_tool(PROG, lambda: show(args.target))

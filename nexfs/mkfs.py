@@ -1,7 +1,7 @@
 """mkfs.nexfs: format an image file or a block device as a NexFS volume.
 
 Exit codes: 0 formatted; 1 refused or failed (bad arguments, target busy, an existing
-filesystem without --force, too small, I/O error).
+filesystem without --force, too small, I/O error).  Every failure is one line on stderr.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import subprocess
 import sys
 import time
 
-from .tool import UsageError, open_device, parse_size, run_tool
+from .tool import ArgumentParser, UsageError, open_device, parse_size, run_tool
 
 PROG = "mkfs.nexfs"
 MIN_SIZE = 16 << 20
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
+    parser = ArgumentParser(
+        prog=PROG, usage_exit=1,
         description="Create a NexFS volume on an image file or a block device. An image file "
         "that does not exist is created sparse, mode 0600.",
         epilog="exit status: 0 success, 1 failure. Example: mkfs.nexfs --size 4G disk.img",
@@ -58,7 +58,7 @@ def existing_filesystem(path: str) -> str | None:
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         out = ""
-    return f"a {out} filesystem" if out else None
+    return f"an existing {out} filesystem" if out else None
 
 
 def format_target(args: argparse.Namespace) -> int:

@@ -34,30 +34,34 @@ Say = Callable[[str], None]
 
 
 def rewrite_bitmap(store: Store, bitmap: Bitmap, used: dict[int, int]) -> int:
-    """Make ``bitmap`` and its summary say exactly ``used``; returns the free count."""
+    """Make ``bitmap`` and its summary say exactly ``used``; returns the free count.
+
+    The old blocks are read only to skip rewriting the ones that are already right; damaged
+    ones are expected here and simply replaced.  A group with nothing in use becomes UNINIT
+    (it is never read again), so a big, mostly empty volume stays cheap.
+    """
     total_free = 0
     for s in range(-(-bitmap.ngroups // SUMMARY_ENTRIES)):
         nvalid = min(SUMMARY_ENTRIES, bitmap.ngroups - s * SUMMARY_ENTRIES)
         entries = [0] * SUMMARY_ENTRIES
         for i in range(nvalid):
             g = s * SUMMARY_ENTRIES + i
-            want = used.get(g, 0) | bitmap.tail_mask(g)
+            tail = bitmap.tail_mask(g)
+            want = used.get(g, 0) | tail
             free = BPB - want.bit_count()
             total_free += free
-            try:
-                old_entry = bitmap.summary_entry(g)
-            except CorruptionError:
-                old_entry = None
-            blkno = BlockNo(bitmap.bitmap_start + g)
-            if want == bitmap.tail_mask(g) and old_entry is not None and old_entry & UNINIT:
+            if want == tail:
                 entries[i] = UNINIT | free
                 continue
+            blk: BitmapBlock | None
             try:
-                blk = bitmap.group(g, create=False)
+                with store.tolerating_damage():
+                    blk = bitmap.group(g, create=False)
             except CorruptionError:
                 blk = None
             if blk is None:
-                store.put_new(BitmapBlock(blkno, bitmap.magic, g, want))
+                store.put_new(BitmapBlock(BlockNo(bitmap.bitmap_start + g), bitmap.magic, g,
+                                          want))
             elif blk.bits != want:
                 blk.bits = want
                 store.dirty(blk)
@@ -100,6 +104,9 @@ class Repairer:
         state = store.state
         state.free_blocks = bfree
         state.free_inodes = ifree
+        if store.state_damage:
+            self.say("rewriting the state block")
+            state.next_generation = found.max_generation % 0xFFFF_FFFF + 1
         store.dirty(state)
 
     def bad_inodes(self) -> None:

@@ -26,11 +26,12 @@ Reads keep working.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -85,7 +86,8 @@ def _guarded(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except CorruptionError as e:
-            self.mark_error(str(e))
+            if not self._tolerating:
+                self.mark_error(str(e))
             raise
         except OSError as e:
             self.mark_error(f"device error: {e}")
@@ -131,6 +133,9 @@ class Store:
         self.volume_seed = sb.volume_seed
         self._opened_read_only = read_only
         self.error: str | None = None
+        self._tolerating = 0  # see tolerating_damage()
+        # fsck: why the state block could not be read (a blank one stands in for it).
+        self.state_damage: str | None = None
         self._closed = False
         self._cache = BlockCache(cache_blocks)
         self._running: dict[int, MetaBlock] = {}
@@ -168,17 +173,23 @@ class Store:
 
     @classmethod
     def open(cls, dev: BlockDevice, *, read_only: bool = False,
-             cache_blocks: int = DEFAULT_CACHE_BLOCKS, ignore_error: bool = False) -> Store:
+             cache_blocks: int = DEFAULT_CACHE_BLOCKS, ignore_error: bool = False,
+             salvage_state: bool = False) -> Store:
         """Open a volume: pick the superblock, replay the journal, load the state block.
 
         Writable: the replayed journal is written home and the superblock marked DIRTY.
         Read-only: replayed images stay in memory; nothing is written.  A volume whose
         superblock says ERROR opens read-only with ``store.error`` set, unless
-        ``ignore_error`` (fsck).  Raises NotNexfsError / CorruptionError / FsError(EINVAL)
-        for volumes that cannot be opened.
+        ``ignore_error`` (fsck).  ``salvage_state`` (fsck): a damaged state block is
+        replaced in memory by a blank one and the reason kept in ``store.state_damage``,
+        for fsck to recount and rewrite.  Raises NotNexfsError / CorruptionError /
+        FsError(EINVAL) for volumes that cannot be opened.
         """
-        bdev = BlockDev(dev)
-        sb = read_superblock(bdev)
+        try:
+            bdev = BlockDev(dev)
+            sb = read_superblock(bdev)
+        except OSError as e:
+            raise FsError(e.errno or errno.EIO, f"device error while opening: {e}") from e
         unknown = sb.feature_incompat & ~FEATURE_INCOMPAT_SUPPORTED
         if unknown:
             raise FsError(errno.EINVAL, f"volume uses unsupported features {unknown:#x}")
@@ -196,7 +207,16 @@ class Store:
                     cache_blocks=cache_blocks)
         try:
             store._recover()
-            store._state = store._load_state()
+            try:
+                store._state = store._load_state()
+            except CorruptionError as e:
+                if not salvage_state:
+                    raise
+                store.state_damage = str(e)
+                g = store.geo
+                store._state = StateBlock(free_blocks=0, free_inodes=0,
+                                          data_hint=g.data_start, meta_hint=g.data_start,
+                                          inode_hint=1)
             if not store.read_only:
                 if not sb.state & STATE_CLEAN:
                     log.info("volume was not cleanly unmounted; journal recovered")
@@ -218,10 +238,16 @@ class Store:
             return
         try:
             if not self.read_only:
-                self.commit(durable=False)
-                self._checkpoint(clean=True)
+                self._close_writable()
         finally:
             self._closed = True
+
+    @_guarded
+    def _close_writable(self) -> None:
+        # Guarded like every other path that writes: a device error here leaves as FsError
+        # and marks the volume ERROR (while the store is still open to write that).
+        self.commit(durable=False)
+        self._checkpoint(clean=True)
 
     def abort(self) -> None:
         """Drop the store without writing anything (as if power was cut now): the running
@@ -311,6 +337,16 @@ class Store:
                 self._write_sb()
             except (FsError, OSError) as e:
                 log.error("could not mark the superblock ERROR: %s", e)
+
+    @contextlib.contextmanager
+    def tolerating_damage(self) -> Iterator[None]:
+        """For fsck, which expects damage and reports it: inside, a CorruptionError reaches
+        the caller without putting the store in the error state."""
+        self._tolerating += 1
+        try:
+            yield
+        finally:
+            self._tolerating -= 1
 
     def clear_error(self) -> None:
         """fsck repaired the volume: clear ERROR in the superblock (written at close)."""
@@ -654,7 +690,14 @@ class Store:
         blk = self._cache.lookup(tblk)
         if blk is None:
             first = first_inode_of(self.geo.itable_start, tblk)
-            if not self.inodes.count_set(first, INODES_PER_BLOCK):
+            try:
+                in_use = self.inodes.count_set(first, INODES_PER_BLOCK)
+            except CorruptionError:
+                # The inode bitmap cannot vouch for this block (its damage is reported
+                # where it was read): the table block itself is the evidence, never a
+                # stand-in of zeros, which would make every inode in it look corrupt.
+                in_use = INODES_PER_BLOCK
+            if not in_use:
                 # No inode of this block is in use: it may never have been written.
                 blk = InodeTableBlock(tblk)
                 self._cache.insert(blk)
@@ -718,6 +761,8 @@ class Store:
         self._check_writable()
         st = self.state
         gen = st.next_generation
+        if not 1 <= gen <= 0xFFFF_FFFF:  # a damaged counter: generations are 32-bit
+            gen = 1
         st.next_generation = gen + 1 if gen < 0xFFFF_FFFF else 1
         self._dirty_state()
         return gen
@@ -742,7 +787,7 @@ class Store:
 
     def alloc_buffer(self, nbytes: int) -> Any:
         """An aligned buffer from the device, for zero-copy read_data/write_data."""
-        return self.bdev.dev.alloc_buffer(nbytes)
+        return self.bdev.alloc_buffer(nbytes)
 
     def read_data(self, blkno: BlockNo, count: int, into: Any = None) -> memoryview:
         """Read file data straight from the device (no cache in this layer).

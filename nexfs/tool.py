@@ -3,8 +3,10 @@ size parsing, and the rule that a user mistake never prints a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
+import logging
 import os
 import re
 import sys
@@ -20,6 +22,19 @@ class UsageError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, exiting with the tool's documented code for a usage error (argparse's own
+    is 2, which means something else to fsck's callers)."""
+
+    def __init__(self, *args: Any, usage_exit: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.usage_exit = usage_exit
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_exit, f"{self.prog}: error: {message}\n")
 
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -67,8 +82,22 @@ def open_device(path: str, *, read_only: bool) -> Iterator[Any]:
         valve.close()
 
 
+def setup_logging(prog: str) -> None:
+    """Warnings and errors logged by the library (a superblock copy unusable, a damaged
+    block met during a repair) reach stderr as one line each, named after the tool.  Left
+    alone when the caller already configured logging (an embedding program, pytest)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
 def run_tool(prog: str, body: Callable[[], int]) -> int:
     """Run a tool's body, turning user errors and filesystem errors into one line."""
+    setup_logging(prog)
     try:
         return body()
     except UsageError as exc:

@@ -84,8 +84,8 @@ def test_torn_transaction_detected_at_every_sector(sector_size: int) -> None:
 
 
 def test_data_barrier_orders_commit_block_after_data() -> None:
-    _dev, bdev, j = raw_journal()
-    rec = RecordingDevice(bdev.dev)
+    dev, _bdev, j = raw_journal()
+    rec = RecordingDevice(dev)
     j.bdev = BlockDev(rec)
     txn = j.prepare([100, 101])
     j.write(txn, durable=False, data_barrier=True)
