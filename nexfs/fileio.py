@@ -98,8 +98,9 @@ class FileData:
         runs = self.emap.map(first, nblocks)
         holes = sum(n for _l, p, n in runs if p == 0)
         if holes:
-            # Each allocated run is one insert; a run is at least one block.
-            self.store.reserve(holes + self.emap.worst_case_new_blocks(holes))
+            # The data blocks, and the tree nodes of one extent insert; each further run the
+            # allocator hands back reserves its own insert (see _fill_holes).
+            self.store.reserve(holes + self.emap.worst_case_new_blocks(1))
             try:
                 runs = self._fill_holes(runs)
             finally:
@@ -107,6 +108,14 @@ class FileData:
         for lblk, phys, n in runs:
             start = (lblk - first) * BLOCK_SIZE
             self.store.write_data(BlockNo(phys), n, view[start : start + n * BLOCK_SIZE])
+        mapped_end = (runs[-1][0] + runs[-1][2]) * BLOCK_SIZE if runs else 0
+        if mapped_end < end:
+            # The volume filled up part-way: a short write of what was mapped (POSIX allows
+            # it; the caller's retry of the rest gets ENOSPC).
+            length = mapped_end - offset
+            end = mapped_end
+            if length <= 0:
+                raise FsError(errno.ENOSPC)
         if end > self.inode.size:
             self.inode.size = end
         return length
@@ -132,7 +141,8 @@ class FileData:
             into[tail:] = bytes(BLOCK_SIZE - tail)
 
     def _fill_holes(self, runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-        """Allocate blocks for the holes among ``runs``; returns the runs fully mapped.
+        """Allocate blocks for the holes among ``runs``; returns the runs now mapped, in
+        order — all of them, or a prefix when the extent tree could not grow any more.
 
         Newly allocated blocks may hold stale data, but every byte of them is written
         before the metadata that maps them commits (partial blocks are zero-filled by
@@ -141,12 +151,21 @@ class FileData:
         last = self.emap.last()
         goal = BlockNo(last[1] + last[2]) if last else None
         out: list[tuple[int, int, int]] = []
+        inserts = 0
         for lblk, phys, n in runs:
             if phys:
                 out.append((lblk, phys, n))
                 goal = BlockNo(phys + n)
                 continue
             while n:
+                if inserts:
+                    try:
+                        self.store.reserve_more(self.emap.worst_case_new_blocks(1))
+                    except FsError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        return out  # no room for more extents: the caller writes short
+                inserts += 1
                 start, got = self.store.alloc_data(goal, n)
                 self.emap.insert(lblk, start, got)
                 self.inode.blocks += got

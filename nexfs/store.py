@@ -597,6 +597,15 @@ class Store:
         self._reserved_inodes += ninodes
         return Reservation(self)
 
+    def reserve_more(self, nblocks: int) -> None:
+        """Grow the current operation's reservation, mid-operation: unlike :meth:`reserve`
+        it never commits (the operation's changes are not all in the store yet), so it only
+        sees blocks already free.  FsError(ENOSPC) when they are not there."""
+        self._check_writable()
+        if not self._fits(nblocks, 0):
+            raise FsError(errno.ENOSPC, "no space left on device")
+        self._reserved_blocks += nblocks
+
     def release_reservation(self) -> None:
         """End of operation: whatever it reserved and did not use is available again."""
         self._reserved_blocks = self._reserved_inodes = 0

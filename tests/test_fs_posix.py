@@ -426,3 +426,23 @@ def test_many_files_in_one_directory(fs: FileSystem) -> None:
     for i in range(n):
         fs.unlink(d.ino, f"file-{i}".encode(), ROOT)
     fs.rmdir(ROOT_INO, b"many", ROOT)
+
+
+def test_large_writes_use_nearly_all_space(tmp_path: Path) -> None:
+    """Reservations are sized to what a write can use: an 8 MiB write fits a 64 MiB volume,
+    and 1 MiB writes fill it to within one write of full."""
+    from fsutil import fsck_clean, make_image
+
+    image = make_image(tmp_path / "fill.img", 64 << 20)
+    with mounted(image) as fs:
+        f = fs.create(ROOT_INO, b"f", 0o644, ROOT)
+        assert fs.write(f.ino, 0, bytes(8 << 20), ROOT) == 8 << 20
+        offset = 8 << 20
+        with pytest.raises(FsError) as e:
+            while True:
+                offset += fs.write(f.ino, offset, bytes(1 << 20), ROOT)
+        assert err(e) == errno.ENOSPC
+        assert fs.statfs().bfree < 256 + 16  # less than one more 1 MiB write
+        assert fs.getattr(f.ino).size == offset
+    code, out = fsck_clean(image)
+    assert code == 0, out
