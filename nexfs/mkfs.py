@@ -98,7 +98,11 @@ def format_target(args: argparse.Namespace) -> int:
             raise UsageError("--size applies to image files, not devices", 1)
     try:
         if size is not None:
-            os.truncate(path, size)
+            try:
+                os.truncate(path, size)
+            except OSError as exc:
+                raise UsageError(f"{path}: cannot make it {args.size}: {exc.strerror} (the "
+                                 "filesystem holding the image limits file sizes)", 1) from None
         elif os.path.getsize(path) < MIN_SIZE and stat.S_ISREG(os.stat(path).st_mode):
             raise UsageError(f"{path} is smaller than 16M; give --size", 1)
         started = time.monotonic()
