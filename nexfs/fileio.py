@@ -48,8 +48,7 @@ class FileData:
         first = offset // BLOCK_SIZE
         last = (end - 1) // BLOCK_SIZE
         nblocks = last - first + 1
-        buf = self.store.alloc_buffer(nblocks * BLOCK_SIZE)
-        view = memoryview(buf)
+        view = self.store.data_buffer(nblocks * BLOCK_SIZE)
         for lblk, phys, n in self.emap.map(first, nblocks):
             start = (lblk - first) * BLOCK_SIZE
             if phys == 0:
@@ -83,8 +82,7 @@ class FileData:
         first = offset // BLOCK_SIZE
         last = (end - 1) // BLOCK_SIZE
         nblocks = last - first + 1
-        buf = self.store.alloc_buffer(nblocks * BLOCK_SIZE)
-        view = memoryview(buf)
+        view = self.store.data_buffer(nblocks * BLOCK_SIZE)
         lo = offset - first * BLOCK_SIZE
         hi = lo + length
         # Partial first and last blocks keep the bytes around the write; read them before

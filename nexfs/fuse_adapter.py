@@ -27,6 +27,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -292,24 +293,50 @@ class FuseAdapter(pyfuse3.Operations):
     def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                 fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         # pyfuse3 has already turned UTIME_NOW into the current time.
-        only_times = not (fields.update_mode or fields.update_uid or fields.update_gid
-                          or fields.update_size)
+        update_mode = fields.update_mode
+        others = fields.update_uid or fields.update_gid or fields.update_size
+        kills_setid = False
+        if update_mode and self._clears_only_setid(inode, attr.st_mode):
+            # A write, truncate or chown by a caller without CAP_FSETID: FUSE leaves
+            # clearing the set-ID bits to the filesystem, and the kernel asks for it with a
+            # mode change in that caller's name, which the core's chmod rule (owner only)
+            # would refuse, failing the write with EPERM.  It is the kernel's decision: with
+            # a size or owner change the core clears the bits itself; alone, it is applied
+            # as the kernel's own, like the times below.
+            if others:
+                update_mode = False
+            else:
+                kills_setid = True
+        only_times = not (update_mode or others)
         # With default_permissions the kernel has already applied the utimensat rules
         # (explicit times: owner only; "now": owner or writer).  Two legitimate requests
         # would fail the core's own check: a "now" that pyfuse3 delivers as an explicit
         # time, and the writeback cache flushing the mtime it kept for a writer who is not
         # the owner.  So times-only changes go to the core as the kernel's own.
-        caller = Ctx(uid=0, gid=0, pid=ctx.pid) if only_times else self._ctx(ctx)
+        caller = Ctx(uid=0, gid=0, pid=ctx.pid) if only_times or kills_setid else self._ctx(ctx)
         changes = SetAttr(
-            mode=attr.st_mode if fields.update_mode else None,
+            mode=attr.st_mode if update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            # With a size change the times are the kernel's own "now" (only truncate changes
+            # the size; with the writeback cache the kernel sends its mtime explicitly), and
+            # the core sets them itself: checked as the caller's explicit times they would
+            # refuse ftruncate to a writer who is not the owner (EPERM).
+            atime_ns=attr.st_atime_ns if fields.update_atime and not fields.update_size
+            else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime and not fields.update_size
+            else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
         return self._entry(self.fs.setattr(inode, changes, caller))
+
+    def _clears_only_setid(self, inode: int, mode: int) -> bool:
+        """True when ``mode`` is the inode's mode with set-user-ID and/or set-group-ID
+        cleared and nothing else changed (the kernel's "kill privileges" request)."""
+        old = self.fs.getattr(inode).mode
+        setid = stat.S_ISUID | stat.S_ISGID
+        return mode != old and mode | setid == old | setid and not mode & setid & ~old
 
     @_handler
     def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:

@@ -308,6 +308,11 @@ class Superblock:
         )
         if sb.journal_tid < 1:
             raise CorruptionError(blkno, "superblock", "journal tid 0")
+        # Both only ever count up by one from 1: near 2**64 they are damage, and the next
+        # increment would not fit the field.
+        if sb.journal_tid >= 1 << 63 or generation >= 1 << 63:
+            raise CorruptionError(blkno, "superblock", "generation or journal tid out of "
+                                                       "range")
         return sb
 
     @property
