@@ -9,7 +9,7 @@ DEB_PKGS := fuse3 libfuse3-dev pkg-config gcc util-linux e2fsprogs fuse2fs fio r
             sqlite3 attr acl git tar
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps venv lint bench bench-quick clean
+.PHONY: run test long deps venv lint bench bench-quick clean
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
@@ -24,7 +24,7 @@ deps:
 $(VENV)/.installed: pyproject.toml setup.py native/build.py native/nexfs_core.c native/nexfs_core.h
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	@touch $@
 
 venv: deps $(VENV)/.installed
@@ -38,6 +38,14 @@ test: venv lint
 
 run: venv
 	$(PY) mount.py
+
+# The long reliability run (docs/RELIABILITY.md): >50,000 crash states, 6,000 hostile
+# images, then 10 minutes of fuzzing the valve.
+long: venv
+	NEXFS_LONG=1 $(VENV)/bin/pytest -q -s tests/test_crash_explore.py tests/test_hostile.py
+	$(PY) -m pip install -q atheris
+	mkdir -p /tmp/nexfs-fuzz-corpus
+	$(PY) fuzz/fuzz_valve.py -max_total_time=600 /tmp/nexfs-fuzz-corpus fuzz/regressions
 
 bench-quick: venv
 	$(PY) -m nexfs.cli bench --quick

@@ -161,6 +161,7 @@ class _Scanner:
         self.progress = progress or (lambda _m: None)
         self.hash_key = store.sb.hash_key
         self._owner: dict[int, int] = {}  # first block of a claimed run -> ino (conflicts)
+        self._claim_log: list[tuple[int, int]] | None = None  # see _inode (symlinks)
 
     # -- block accounting -------------------------------------------------------------------
 
@@ -180,6 +181,8 @@ class _Scanner:
             left -= take
         for g, mask in masks:
             used[g] = used.get(g, 0) | mask
+        if self._claim_log is not None:
+            self._claim_log.extend(masks)
         return True
 
     def _in_data_area(self, start: int, n: int) -> bool:
@@ -236,21 +239,34 @@ class _Scanner:
             self.out.bad_inodes[ino] = "free slot"
             return
         info = InodeInfo(inode)
+        kind = stat.S_IFMT(inode.mode)
+        inline = bool(inode.flags & INODE_FLAG_INLINE)
+        if kind == stat.S_IFLNK and not (0 < inode.size <= DATA_AREA_SIZE if inline
+                                         else DATA_AREA_SIZE < inode.size <= SYMLINK_MAX):
+            # A symlink whose target cannot be trusted is cleared like an undecodable
+            # inode (and the entries naming it dropped): "repairing" it only made another
+            # invalid symlink that the next check found again.
+            why = f"{'inline ' if inline else ''}symlink of size {inode.size}"
+            self.out.problem(f"inode {ino}: {why}")
+            self.out.bad_inodes[ino] = why
+            return
         self.out.inodes[ino] = info
         self.out.max_generation = max(self.out.max_generation, inode.generation)
-        kind = stat.S_IFMT(inode.mode)
-        if kind == stat.S_IFREG or (kind == stat.S_IFLNK and not inode.flags & INODE_FLAG_INLINE):
-            self._extents(info)
+        if kind == stat.S_IFREG or (kind == stat.S_IFLNK and not inline):
+            claims: list[tuple[int, int]] = []
+            self._claim_log = claims
+            try:
+                self._extents(info)
+            finally:
+                self._claim_log = None
+            if kind == stat.S_IFLNK and info.tree_damage:
+                for g, mask in claims:  # its blocks go back: the inode is cleared
+                    self.out.used_blocks[g] &= ~mask
+                del self.out.inodes[ino]
+                self.out.bad_inodes[ino] = info.tree_damage
+                return
         elif kind == stat.S_IFDIR:
             self._directory(info)
-        elif kind == stat.S_IFLNK and not 0 < inode.size <= DATA_AREA_SIZE:
-            self.out.problem(f"inode {ino}: inline symlink of size {inode.size}")
-            info.tree_damage = "bad inline symlink size"
-        if kind == stat.S_IFLNK and not inode.flags & INODE_FLAG_INLINE and not (
-            DATA_AREA_SIZE < inode.size <= SYMLINK_MAX
-        ):
-            self.out.problem(f"inode {ino}: symlink of size {inode.size}")
-            info.tree_damage = "bad symlink size"
         if inode.xattr_root:
             self._xattrs(info)
         for blk in info.tree_blocks + info.xattr_blocks:

@@ -377,7 +377,13 @@ class FileSystem:
         inode = self.inodes.get(ino)
         if not inode.is_symlink:
             raise FsError(errno.EINVAL)
-        if inode.flags & INODE_FLAG_INLINE:
+        inline = bool(inode.flags & INODE_FLAG_INLINE)
+        if not (0 < inode.size <= DATA_AREA_SIZE if inline
+                else DATA_AREA_SIZE < inode.size <= SYMLINK_MAX):
+            # Checked before reading: a damaged size must not become a huge allocation.
+            raise CorruptionError(self.store.inode_table_block(InodeNo(inode.ino)),
+                                  f"inode {inode.ino}", f"symlink of size {inode.size}")
+        if inline:
             return bytes(inode.area[: inode.size])
         return self._data(inode).read(0, inode.size)
 
