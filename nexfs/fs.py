@@ -832,13 +832,18 @@ class FileSystem:
         if flags & os.O_TRUNC and inode.is_reg and inode.size:
             self.setattr(ino, SetAttr(size=0), ctx)
 
-    @_reading
-    def read(self, ino: int, offset: int, size: int) -> bytes:
+    def _regular_file(self, ino: int) -> Inode:
+        """The inode behind a read or write: EISDIR for a directory, EINVAL for the rest."""
         inode = self.inodes.get(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
         if not inode.is_reg:
             raise FsError(errno.EINVAL)
+        return inode
+
+    @_reading
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        inode = self._regular_file(ino)
         data = self._data(inode).read(offset, size)
         self._note_access(inode)
         return data
@@ -858,11 +863,7 @@ class FileSystem:
 
     @_mutating
     def write(self, ino: int, offset: int, data: bytes | memoryview, ctx: Ctx) -> int:
-        inode = self.inodes.get(ino)
-        if inode.is_dir:
-            raise FsError(errno.EISDIR)
-        if not inode.is_reg:
-            raise FsError(errno.EINVAL)
+        inode = self._regular_file(ino)
         written = self._data(inode).write(offset, data)
         if written:
             now = _now()
