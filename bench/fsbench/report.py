@@ -1,0 +1,153 @@
+"""Medians, ratios and targets of one run, and the three outputs: JSON, Markdown, PNG.
+
+Ratios are always NexFS over the other system from the same run, in the figure's own
+direction: for throughput and IOPS above 1 means NexFS is faster; for elapsed times
+(unit ``s``) below 1 means NexFS is faster.  The chart shows every ratio as a speed-up
+(times are inverted) so that taller is better throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NEXFS, FUSE2FS, EXT4, RAW = "nexfs", "fuse2fs", "ext4", "raw"
+LABELS = {NEXFS: "NexFS", FUSE2FS: "fuse2fs", EXT4: "kernel ext4", RAW: "raw --direct=1"}
+RSS_LIMIT_MIB = 256
+MOUNT_LIMIT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """NexFS / ``other`` must be >= ``bound`` (throughput) or <= ``bound`` (time)."""
+
+    workload: str
+    other: str
+    bound: float
+
+
+TARGETS = (
+    Target("seq-write-1m", FUSE2FS, 2.0),
+    Target("seq-write-1m", EXT4, 1.0),
+    Target("seq-read-1m", FUSE2FS, 1.0),
+    Target("seq-read-1m", EXT4, 0.5),
+    Target("seq-read-1m-direct", FUSE2FS, 1.0),
+    Target("seq-read-1m-direct", EXT4, 0.5),
+    Target("randread-4k-qd1-direct", FUSE2FS, 0.7),
+    Target("randwrite-4k-qd1-direct", FUSE2FS, 1.0),
+    Target("tar-extract", FUSE2FS, 0.7),
+    Target("create", FUSE2FS, 0.7),
+)
+
+
+def summarise(samples: dict[str, dict[str, list[float]]], units: dict[str, str]
+              ) -> dict[str, Any]:
+    """Medians per system and workload, NexFS ratios, and the targets' verdicts."""
+    medians = {system: {w: statistics.median(v) for w, v in figures.items() if v}
+               for system, figures in samples.items()}
+    nexfs = medians.get(NEXFS, {})
+    ratios: dict[str, dict[str, float]] = {}
+    for workload, value in nexfs.items():
+        for other in (FUSE2FS, EXT4, RAW):
+            base = medians.get(other, {}).get(workload)
+            if base:
+                ratios.setdefault(workload, {})[other] = round(value / base, 3)
+    targets = []
+    for t in TARGETS:
+        ratio = ratios.get(t.workload, {}).get(t.other)
+        lower_is_better = units.get(t.workload) == "s"
+        met = None if ratio is None else (ratio <= t.bound if lower_is_better
+                                          else ratio >= t.bound)
+        targets.append({"workload": t.workload, "versus": t.other,
+                        "target": f"{'<=' if lower_is_better else '>='} {t.bound:g}x",
+                        "ratio": ratio, "met": met})
+    return {"medians": {s: {w: round(v, 3) for w, v in m.items()} for s, m in medians.items()},
+            "ratios": ratios, "targets": targets}
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit == "s":
+        return f"{value:.2f} s"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results table (one row per workload) and the targets table."""
+    units: dict[str, str] = result["units"]
+    medians: dict[str, dict[str, float]] = result["summary"]["medians"]
+    ratios: dict[str, dict[str, float]] = result["summary"]["ratios"]
+    systems = [s for s in (NEXFS, FUSE2FS, EXT4, RAW) if s in medians]
+    head = ["workload", "unit", *(LABELS[s] for s in systems), "NexFS/fuse2fs", "NexFS/ext4"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|---|---|" + "---:|" * (len(systems) + 2)]
+    for workload, unit in units.items():
+        cells = [workload, "time" if unit == "s" else unit]
+        cells += [_fmt(medians[s].get(workload), unit) for s in systems]
+        for other in (FUSE2FS, EXT4):
+            r = ratios.get(workload, {}).get(other)
+            cells.append("—" if r is None else f"{r:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| target | NexFS ratio | met |", "|---|---:|---|"]
+    for t in result["summary"]["targets"]:
+        verdict = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        ratio = "—" if t["ratio"] is None else f"{t['ratio']:.2f}"
+        lines.append(f"| {t['workload']} vs {LABELS[t['versus']]} {t['target']} | {ratio} | "
+                     f"{verdict} |")
+    memory = result.get("nexfs_peak_rss_mib")
+    if memory is not None:
+        ok = "yes" if memory < RSS_LIMIT_MIB else "**no**"
+        lines.append(f"| NexFS daemon peak RSS (VmHWM) < {RSS_LIMIT_MIB} MiB | "
+                     f"{memory:.0f} MiB | {ok} |")
+    mount = result.get("mount_1tib_s")
+    if mount is not None:
+        ok = "yes" if mount < MOUNT_LIMIT_S else "**no**"
+        lines.append(f"| mount of a 1 TiB image < {MOUNT_LIMIT_S:g} s | {mount:.2f} s | {ok} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    """A bar chart of NexFS's speed-up over fuse2fs and over kernel ext4 per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render straight to the file
+    import matplotlib.pyplot as plt
+
+    units: dict[str, str] = result["units"]
+    ratios: dict[str, dict[str, float]] = result["summary"]["ratios"]
+    workloads = [w for w in units if w in ratios]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.75 * len(workloads) + 2), 5))
+    width = 0.38
+    for k, (other, colour) in enumerate(((FUSE2FS, "tab:orange"), (EXT4, "tab:blue"))):
+        xs, ys = [], []
+        for i, w in enumerate(workloads):
+            r = ratios[w].get(other)
+            if r:
+                xs.append(i + (k - 0.5) * width)
+                ys.append(1 / r if units[w] == "s" else r)
+        ax.bar(xs, ys, width, label=f"NexFS vs {LABELS[other]}", color=colour)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("NexFS speed-up (x, log scale; > 1 is faster)")
+    ax.set_xticks(range(len(workloads)))
+    ax.set_xticklabels(workloads, rotation=40, ha="right", fontsize=8)
+    ax.set_title(f"NexFS vs fuse2fs and kernel ext4 ({result['config']['mode']} run, "
+                 "medians)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Path]:
+    """Write ``stem``.json, .md and .png into ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["md"].write_text(markdown(result))
+    chart(result, paths["png"])
+    return paths
