@@ -23,10 +23,10 @@ from .dirindex import ENTRY_HEADER, DirIndex
 from .dirindex import _leaf_check as dir_leaf_check
 from .extents import AREA_HEADER, MAX_FILE_BLOCKS, TREE_VALUE, ExtentMap
 from .inode import DATA_AREA_SIZE, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
-from .layout import SB_PRIMARY, Superblock
 from .metastore import BLOCK_SIZE, MetaBlock
 from .store import Store
 from .types import BlockNo, CorruptionError, FsError, InodeNo
+from .volume import superblock_copies
 from .xattr import XattrStore
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class Scan:
     stray_orphan_flags: list[int] = field(default_factory=list)
     bitmap_damage: list[str] = field(default_factory=list)
     counts_wrong: bool = False
+    root_missing: bool = False  # inode 1 is not a valid directory: the repair recreates it
     max_generation: int = 0
 
     def problem(self, message: str) -> None:
@@ -199,7 +200,8 @@ class _Scanner:
             try:
                 bits = inodes._bits(g) & ~inodes.tail_mask(g)
             except CorruptionError as exc:
-                self.out.problem(f"inode bitmap block {g}: {exc.reason}")
+                # exc names the block really damaged: the bitmap block or its summary.
+                self.out.problem(f"inode bitmap group {g}: {exc}")
                 self.out.bitmap_damage.append(f"inode bitmap {g}")
                 bits = self._inodes_from_table(g)
             for off in _set_bits(bits):
@@ -231,12 +233,22 @@ class _Scanner:
             inode = Inode.decode(InodeNo(ino), store.read_inode_raw(InodeNo(ino)),
                                  store.volume_seed, store.inode_table_block(InodeNo(ino)))
         except CorruptionError as exc:
-            self.out.problem(f"inode {ino}: {exc.reason}")
+            if exc.structure == f"inode {ino}":  # the slot itself (its table block has no
+                # checksum of its own: each slot carries one)
+                self.out.problem(f"inode {ino}: {exc.reason} (inode table block {exc.blkno})")
+            else:  # another structure, met while reading it: name that one
+                self.out.problem(f"inode {ino}: cannot be read: {exc}")
             self.out.bad_inodes[ino] = exc.reason
             return
         if inode.mode == 0:
             self.out.problem(f"inode {ino} is marked in use but its slot is free")
             self.out.bad_inodes[ino] = "free slot"
+            return
+        if ino == ROOT_INO and not stat.S_ISDIR(inode.mode):
+            # Cleared and recreated as an empty directory (its blocks are not claimed).
+            self.out.problem(f"inode {ino}: the root inode is not a directory "
+                             f"(mode {inode.mode:o})")
+            self.out.bad_inodes[ino] = "root inode not a directory"
             return
         info = InodeInfo(inode)
         kind = stat.S_IFMT(inode.mode)
@@ -403,11 +415,18 @@ class _Scanner:
 
     def pass3(self) -> None:
         inodes = self.out.inodes
-        if ROOT_INO not in inodes or not inodes[ROOT_INO].inode.is_dir:
-            self.out.problem("the root directory is missing or not a directory")
-            return
-        reached = {ROOT_INO}
-        todo = [ROOT_INO]
+        reached: set[int] = set()
+        todo: list[int] = []
+        if ROOT_INO not in inodes:
+            # The repair recreates it empty: everything else is unreachable until it is
+            # reconnected (lost+found first, as /lost+found, if it is still a directory).
+            self.out.problem("the root directory (inode 1) is damaged: it will be recreated "
+                             "empty and everything else reconnected in lost+found")
+            self.out.root_missing = True
+            self.out.counts_wrong = True
+        else:
+            reached.add(ROOT_INO)
+            todo.append(ROOT_INO)
         while todo:
             info = inodes[todo.pop()]
             for _cookie, _name, child, _dtype in info.entries:
@@ -482,13 +501,13 @@ class _Scanner:
             try:
                 entry = blocks.summary_entry(g)
             except CorruptionError as exc:
-                self.out.problem(f"block summary: {exc}")
+                self.out.problem(f"block summary entry of group {g}: {exc}")
                 self.out.bitmap_damage.append(f"block summary {g}")
                 entry = None
             try:
                 have = blocks._bits(g)
             except CorruptionError as exc:
-                self.out.problem(f"block bitmap: {exc}")
+                self.out.problem(f"block bitmap group {g}: {exc}")
                 self.out.bitmap_damage.append(f"block bitmap {g}")
                 have = None
             free = BPB - want.bit_count()
@@ -511,8 +530,8 @@ class _Scanner:
         valid = self.out.inodes
         total_ifree = 0
         in_use: dict[int, int] = {0: 1}  # inode 0 never exists: its bit is always set
-        for ino in valid:
-            g, off = divmod(ino, BPB)
+        for ino in [*valid, *([ROOT_INO] if self.out.root_missing else [])]:
+            g, off = divmod(ino, BPB)  # (a missing root is recreated: its inode stays in use)
             in_use[g] = in_use.get(g, 0) | 1 << off
         self.out.used_inodes = in_use
         for g in range(inodes.ngroups):
@@ -532,27 +551,17 @@ class _Scanner:
 
 
 def superblock_problems(bdev: BlockDev) -> list[str]:
-    """The superblock copies that cannot be used, as problems.  Call it before opening the
-    store writable: that rewrites both copies (which is also how fsck -y repairs them)."""
-    copies: dict[int, Superblock | FsError] = {}
-
-    def decode(where: int) -> Superblock | FsError:
-        if where not in copies:
-            try:
-                copies[where] = Superblock.decode(bdev.read_blocks(where, 1), where)
-            except FsError as exc:
-                copies[where] = exc
-        return copies[where]
-
-    primary = decode(SB_PRIMARY)
-    backup_at = primary.geo.backup_sb if isinstance(primary, Superblock) else bdev.nblocks - 1
-    backup = decode(backup_at)
-    if not isinstance(primary, Superblock) and not isinstance(backup, Superblock):
+    """The superblock copies that cannot be used, as problems: undecodable, with a UUID that
+    does not verify the volume's metadata, or disagreeing with the chosen copy (the rule is
+    :func:`nexfs.volume.superblock_copies`, the one every open uses).  Call it before opening
+    the store writable: that rewrites both copies from the chosen one (which is also how
+    fsck -y repairs them)."""
+    try:
+        copies = superblock_copies(bdev)
+    except FsError:
         return []  # opening the store refuses, and says why
-    return [f"{name} superblock (block {where}) is unusable: {copy}"
-            for name, where, copy in (("primary", SB_PRIMARY, primary),
-                                      ("backup", backup_at, backup))
-            if not isinstance(copy, Superblock)]
+    return [f"{name} superblock (block {where}) is unusable: {why}"
+            for name, where, why in copies.damaged]
 
 
 def scan(store: Store, progress: Callable[[str], None] | None = None) -> Scan:

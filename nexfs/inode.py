@@ -130,6 +130,8 @@ class Inode:
             raise CorruptionError(table_block, f"inode {ino}", "nanoseconds out of range")
         if size >= 1 << 63:
             raise CorruptionError(table_block, f"inode {ino}", "size out of range")
+        if blocks >= 1 << 63:  # the next block added would not fit the field
+            raise CorruptionError(table_block, f"inode {ino}", "block count out of range")
         inode = cls(ino)
         inode.mode, inode.uid, inode.gid, inode.nlink = mode, uid, gid, nlink
         inode.size, inode.blocks, inode.rdev = size, blocks, rdev

@@ -14,15 +14,16 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+import time
 from collections.abc import Callable
 
 from .attr import ROOT_CTX
 from .bitmap import BPB, UNINIT, Bitmap, BitmapBlock, SummaryBlock
-from .checker import ROOT_INO, InodeInfo, Scan
+from .checker import LOST_FOUND_INO, ROOT_INO, InodeInfo, Scan
 from .dirindex import DirIndex
 from .extents import ExtentMap
 from .fs import FileSystem
-from .inode import INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, free_slot
+from .inode import INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode, free_slot
 from .layout import SUMMARY_ENTRIES
 from .metastore import BLOCK_SIZE
 from .store import Store
@@ -89,6 +90,7 @@ class Repairer:
         self.damaged_trees()
         self.entries()
         self.orphans()
+        self.rebuild_root()
         self.reconnect()
         self.fs.inodes.flush()
         self.store.commit(durable=True)
@@ -217,6 +219,49 @@ class Repairer:
         for ino in self.found.orphans:
             self.say(f"freeing deleted inode {ino}")
             fs._free_inode(fs.inodes.get(ino))
+
+    def rebuild_root(self) -> None:
+        """The root inode was damaged: recreate it as an empty directory (as e2fsck does).
+        A valid directory inode 2 becomes /lost+found again, with everything below it;
+        everything else is reconnected into lost+found by :meth:`reconnect`."""
+        found, fs = self.found, self.fs
+        if not found.root_missing:
+            return
+        self.say("recreating the root directory (inode 1) empty")
+        now = time.time_ns()
+        root = Inode(InodeNo(ROOT_INO))
+        root.mode = stat.S_IFDIR | 0o755
+        root.nlink = 2
+        root.parent = ROOT_INO
+        root.atime_ns = root.mtime_ns = root.ctime_ns = root.btime_ns = now
+        root.generation = self.store.next_generation()
+        fs.inodes.forget(ROOT_INO)
+        fs.inodes.add(root)
+        lf = found.inodes.get(LOST_FOUND_INO)
+        if lf is None or not lf.inode.is_dir or LOST_FOUND_INO in found.orphans:
+            return
+        self.say(f"linking directory {LOST_FOUND_INO} into the new root as lost+found")
+        index = fs._dir(root)
+        index.insert(b"lost+found", LOST_FOUND_INO, stat.S_IFDIR >> 12)
+        fs._dir_changed(root, index)
+        lf_inode = fs.inodes.get(LOST_FOUND_INO)
+        lf_inode.parent = ROOT_INO
+        fs._dirty(lf_inode)
+        # Everything below it is reachable again (the walk of the checker's pass 3).
+        reached = {LOST_FOUND_INO}
+        todo = [LOST_FOUND_INO]
+        while todo:
+            dino = todo.pop()
+            for _c, _n, child, _t in found.inodes[dino].entries:
+                target = found.inodes.get(child)
+                if target is None or child in reached:
+                    continue
+                if target.inode.is_dir and target.parents and target.parents[0] != dino:
+                    continue
+                reached.add(child)
+                if target.inode.is_dir:
+                    todo.append(child)
+        found.unreachable = [i for i in found.unreachable if i not in reached]
 
     def _lost_found(self) -> int:
         fs = self.fs

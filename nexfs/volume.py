@@ -15,12 +15,15 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from . import checksum
 from .bitmap import BPB, UNINIT, BitmapBlock, SummaryBlock, range_mask
 from .blockdev import BlockDev, BlockDevice, Filler, copy_filler, write_runs
 from .layout import (
     INODES_PER_BLOCK,
     SB_PRIMARY,
+    STATE_BLOCK,
     STATE_CLEAN,
     SUMMARY_ENTRIES,
     Geometry,
@@ -31,6 +34,7 @@ from .layout import (
 )
 from .metastore import (
     BLOCK_SIZE,
+    CRC_OFFSET,
     MAGIC_BITMAP,
     MAGIC_IBITMAP,
     MAGIC_ISUMMARY,
@@ -147,30 +151,65 @@ def write_superblock(bdev: BlockDev, sb: Superblock, *, bump: bool = True) -> No
         write_runs(bdev, [(where, copy_filler(sb.encode(where)))], durable=True)
 
 
-def read_superblock(bdev: BlockDev) -> Superblock:
-    """Read both copies and return the valid one with the higher generation.
+@dataclass
+class SuperblockCopies:
+    """The superblock copy a volume is opened with, and what is wrong with the other one."""
+
+    best: Superblock
+    damaged: list[tuple[str, int, str]] = field(default_factory=list)  # (copy, block, why)
+
+
+def _verified_blocks(bdev: BlockDev, sb: Superblock) -> int:
+    """How many of the metadata blocks every volume has (the state block, the first bitmap
+    and summary blocks, all written by mkfs) verify under ``sb``'s UUID: their checksums are
+    seeded by it, so a copy whose UUID was changed verifies none of them."""
+    g = sb.geo
+    n = 0
+    for blkno in sorted({STATE_BLOCK, g.bbitmap_start, g.bsummary_start, g.ibitmap_start,
+                         g.isummary_start}):
+        if blkno >= bdev.nblocks:
+            continue
+        try:
+            raw = bdev.read_blocks(blkno, 1)
+        except OSError:
+            continue
+        if checksum.verify(raw, CRC_OFFSET, sb.volume_seed, blkno):
+            n += 1
+    return n
+
+
+def superblock_copies(bdev: BlockDev) -> SuperblockCopies:
+    """Read both copies, choose the one to use and say what is wrong with the other.
+
+    The rule (docs/FORMAT.md, "Choosing a copy"): among the valid copies, the one whose UUID
+    verifies more of the volume's fixed metadata blocks wins; then the higher generation (a
+    crash between the two writes of :func:`write_superblock` leaves the primary newer); then
+    the primary.  The UUID comparison only costs reads when the valid copies disagree on it.
+    A copy that cannot be decoded, whose UUID does not verify the volume's metadata, or that
+    differs from the chosen one at the same generation is reported as damaged.
 
     NotNexfsError when neither copy has the NexFS magic; CorruptionError when the magic is
     there but no copy is valid ("not a NexFS volume or both superblocks damaged").
     """
-    found: list[Superblock] = []
-    problems: list[str] = []
+    found: list[tuple[int, Superblock]] = []
+    damaged: list[tuple[str, int, str]] = []
     no_magic = 0
     locations = [0, bdev.nblocks - 1]
     i = 0
     while i < len(locations):
         where = locations[i]
         i += 1
+        name = "primary" if where == SB_PRIMARY else "backup"
         try:
             sb = Superblock.decode(bdev.read_blocks(where, 1), where)
         except NotNexfsError as e:
             no_magic += 1
-            problems.append(str(e))
+            damaged.append((name, where, str(e)))
             continue
         except CorruptionError as e:
-            problems.append(str(e))
+            damaged.append((name, where, str(e)))
             continue
-        found.append(sb)
+        found.append((where, sb))
         if where == 0 and sb.geo.backup_sb not in locations:
             # The volume may be smaller than the device: its backup is then not the last block.
             locations.append(sb.geo.backup_sb)
@@ -179,9 +218,37 @@ def read_superblock(bdev: BlockDev) -> Superblock:
             raise NotNexfsError("not a NexFS volume (no superblock magic in block 0 or in the "
                                 "last block)")
         raise CorruptionError(0, "superblock", "not a NexFS volume or both superblocks "
-                                               "damaged: " + "; ".join(problems))
-    best = max(found, key=lambda s: s.generation)  # ties: the primary (first found) wins
-    if problems:
+                                               "damaged: " + "; ".join(w for _n, _b, w in damaged))
+    primary = next((sb for where, sb in found if where == SB_PRIMARY), None)
+    if primary is not None:
+        # A volume smaller than the device: the device's last block is not a copy.
+        damaged = [d for d in damaged if d[1] in (SB_PRIMARY, primary.geo.backup_sb)]
+    if len(found) == 1:
+        return SuperblockCopies(found[0][1], damaged)
+    if len({sb.uuid for _w, sb in found}) > 1:
+        score = {where: _verified_blocks(bdev, sb) for where, sb in found}
+    else:
+        score = {where: 0 for where, _sb in found}
+    # Ties (same score and generation): the primary (found first) wins.
+    _rank, best_at, best = max(((score[where], sb.generation, -i), where, sb)
+                               for i, (where, sb) in enumerate(found))
+    for where, sb in found:
+        if where == best_at:
+            continue
+        name = "primary" if where == SB_PRIMARY else "backup"
+        if score[where] < score[best_at]:
+            damaged.append((name, where, f"its UUID {sb.uuid.hex()} does not verify the "
+                                         f"volume's metadata (the other copy's "
+                                         f"{best.uuid.hex()} does)"))
+        elif sb.generation == best.generation and sb.encode(0) != best.encode(0):
+            damaged.append((name, where, "differs from the other copy of the same generation"))
+    return SuperblockCopies(best, damaged)
+
+
+def read_superblock(bdev: BlockDev) -> Superblock:
+    """The superblock copy to open the volume with (see :func:`superblock_copies`)."""
+    copies = superblock_copies(bdev)
+    if copies.damaged:
         log.warning("using superblock generation %d; other copy unusable: %s",
-                    best.generation, "; ".join(problems))
-    return best
+                    copies.best.generation, "; ".join(w for _n, _b, w in copies.damaged))
+    return copies.best

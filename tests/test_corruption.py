@@ -34,6 +34,7 @@ from imagekit import (
     probe,
     sparse_copy,
     tool,
+    write_at,
 )
 
 from nexfs.btree import Node
@@ -379,3 +380,96 @@ def test_damaged_object_eio_rest_served(sample: Sample, tmp_path: Path,
     # Without -f, fsck checks a volume marked as needing it.
     result = fsck(image, "-n")
     assert result.returncode == 4 and "needing fsck" in result.stdout
+
+
+# -- the root inode and the superblock copies (once known gaps, docs/RELIABILITY.md) --------
+
+
+def _root_garbled(s: Sample, vol: Vol) -> None:
+    where = vol.inode_offset(ROOT_INO)
+    vol.scribble(where // BLOCK_SIZE, where % BLOCK_SIZE + 16, 8)
+
+
+def _root_not_a_directory(s: Sample, vol: Vol) -> None:
+    root = vol.inode(ROOT_INO)
+    root.mode = stat.S_IFREG | 0o644  # checksum recomputed: only the type is wrong
+    vol.write_inode(root)
+
+
+def _root_and_lost_found_garbled(s: Sample, vol: Vol) -> None:
+    for ino in (ROOT_INO, LOST_FOUND_INO):
+        where = vol.inode_offset(ino)
+        vol.scribble(where // BLOCK_SIZE, where % BLOCK_SIZE + 16, 8)
+
+
+@pytest.mark.parametrize("damage", [_root_garbled, _root_not_a_directory,
+                                    _root_and_lost_found_garbled],
+                         ids=["garbled", "not-a-directory", "with-lost+found"])
+def test_damaged_root_inode_is_recreated(damage: Callable[[Sample, Vol], None],
+                                         sample: Sample) -> None:
+    """fsck -y recreates inode 1 as an empty 0755 directory, links lost+found into it (inode
+    2 if it is still a directory, else a new one) and reconnects everything that was only
+    reachable through the old root there as #INO, subtrees and data intact."""
+    image = sample.path
+    damage(sample, Vol.of(image))
+    check = fsck(image, "-n", "-f")
+    assert check.returncode == 4, check.stdout + check.stderr
+    assert "root directory (inode 1) is damaged" in check.stdout, check.stdout
+    repair = fsck(image, "-y", "-f")
+    assert repair.returncode == 1, repair.stdout + repair.stderr
+    assert "recreating the root directory" in repair.stdout, repair.stdout
+    again = fsck(image, "-n", "-f")
+    assert again.returncode == 0, again.stdout + again.stderr
+    top = {"/big", "/frag", "/filler", "/attrs", "/victim", "/b", "/sub", "/sym"}
+    with mounted(image, read_only=True) as fs:
+        root = fs.getattr(ROOT_INO)
+        assert root.mode == stat.S_IFDIR | 0o755 and root.nlink == 3
+        assert list(_listing(fs, ROOT_INO)) == ["lost+found"]
+        lf = fs.lookup(ROOT_INO, b"lost+found", ROOT)
+        assert stat.S_ISDIR(lf.mode)
+        if damage is not _root_and_lost_found_garbled:
+            assert lf.ino == LOST_FOUND_INO
+        assert set(_listing(fs, lf.ino)) == {f"#{sample.ino[p]}" for p in top}
+        # Subtrees came along: /a is still reachable through /sub/hard, /sub/inner/deep too.
+        sub = sample.ino["/sub"]
+        assert fs.read(fs.lookup(sub, b"hard", ROOT).ino, 0, READ_ALL) == sample.data["/a"]
+        inner = fs.lookup(sub, b"inner", ROOT).ino
+        deep = fs.lookup(inner, b"deep", ROOT).ino
+        assert fs.read(deep, 0, READ_ALL) == sample.data["/sub/inner/deep"]
+        for path in ("/frag", "/victim", "/b"):
+            assert fs.read(sample.ino[path], 0, READ_ALL) == sample.data[path]
+        assert len(_listing(fs, sample.ino["/big"])) == len(sample.big_dir_names)
+    _check_writable(image)
+
+
+@pytest.mark.parametrize("copy", ["primary", "backup"])
+def test_superblock_copy_with_another_uuid(copy: str, sample: Sample) -> None:
+    """A copy whose UUID was changed and whose checksum was recomputed is valid and of the
+    same generation as the other: the copy whose UUID verifies the volume's metadata wins
+    (mount and fsck alike), the other is reported and rewritten by fsck -y."""
+    image = sample.path
+    vol = Vol.of(image)
+    where = 0 if copy == "primary" else vol.geo.backup_sb
+    sb = Superblock.decode(vol.block(where), where)
+    good_uuid = sb.uuid
+    sb.uuid = bytes(b ^ 0xA5 for b in good_uuid)
+    sb.__post_init__()  # the checksum seed follows the UUID
+    write_at(image, where * BLOCK_SIZE, sb.encode(where))
+    assert Superblock.decode(Vol.of(image).block(where), where).uuid != good_uuid
+    with mounted(image, read_only=True) as fs:
+        assert fs.store.sb.uuid == good_uuid
+        victim = fs.lookup(ROOT_INO, b"victim", ROOT).ino
+        assert fs.read(victim, 0, READ_ALL) == sample.data["/victim"]
+    before = file_hash(image)
+    check = fsck(image, "-n", "-f")
+    assert check.returncode == 4, check.stdout + check.stderr
+    assert re.search(rf"{copy} superblock \(block {where}\) is unusable: its UUID",
+                     check.stdout), check.stdout
+    assert "checksum mismatch" not in check.stdout, check.stdout  # nothing else is damaged
+    assert file_hash(image) == before
+    repair = fsck(image, "-y", "-f")
+    assert repair.returncode == 1, repair.stdout + repair.stderr
+    assert Superblock.decode(Vol.of(image).block(where), where).uuid == good_uuid
+    again = fsck(image, "-n", "-f")
+    assert again.returncode == 0, again.stdout + again.stderr
+    _check_writable(image)

@@ -192,23 +192,6 @@ def check(base: Base, mut: Mutation, path: Path, stats: Counter[str]) -> str | N
     return None
 
 
-# Known gaps of fsck's repair (docs/RELIABILITY.md, "Not fixed"): fsck -n reports the
-# damage (exit 4) but fsck -y cannot repair it.  Counted and printed, not failed.
-KNOWN_GAPS = {
-    "root inode": lambda what, why: "fsck -y exit 4" in why and (
-        ": inode 1." in what or "block 262 garbage" in what),  # 262: its table block
-    "superblock copies disagree on the uuid": lambda what, why: "fsck -y exit 4" in why and
-        "primary superblock.uuid" in what,
-}
-
-
-def known_gap(what: str, why: str) -> str | None:
-    for name, matches in KNOWN_GAPS.items():
-        if matches(what, why):
-            return name
-    return None
-
-
 def run_images(muts: list[tuple[Base, Mutation]], tmp_path: Path) -> tuple[Counter[str],
                                                                              list[str]]:
     stats: Counter[str] = Counter()
@@ -219,10 +202,7 @@ def run_images(muts: list[tuple[Base, Mutation]], tmp_path: Path) -> tuple[Count
             why = check(base, mut, path, stats)
         except Exception as exc:  # anything but FsError escaping is a failure
             why = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-4)}"
-        gap = known_gap(mut.what, why) if why else None
-        if gap:
-            stats[f"known fsck gap: {gap}"] += 1
-        elif why:
+        if why:
             failures.append(f"{mut.what}: {why}")
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         assert rss < RSS_LIMIT_KB, f"{mut.what}: peak RSS {rss} KiB"
