@@ -114,8 +114,9 @@ class XattrStore:
             last = (key - base) >> _SEQ_SHIFT
             k = key + (1 << _SEQ_SHIFT)  # skip this name's chunks: the next seq
 
-    def get(self, name: bytes) -> bytes:
-        """The value of ``name``; FsError(ENODATA) if absent."""
+    def _locate(self, name: bytes) -> tuple[int, bytes, int, int]:
+        """(key of chunk 0, its value, value length, name length) of ``name``;
+        FsError(ENODATA) if absent."""
         self._check_name(name)
         if self._tree.root == 0:
             raise FsError(errno.ENODATA)
@@ -123,6 +124,11 @@ class XattrStore:
         if key is None:
             raise FsError(errno.ENODATA)
         vlen, nlen = CHUNK0_HEADER.unpack_from(v0, 0)
+        return key, v0, vlen, nlen
+
+    def get(self, name: bytes) -> bytes:
+        """The value of ``name``; FsError(ENODATA) if absent."""
+        key, v0, vlen, nlen = self._locate(name)
         parts = [v0[CHUNK0_HEADER.size + nlen:]]
         got = len(parts[0])
         if got < vlen:
@@ -194,13 +200,7 @@ class XattrStore:
 
     def remove(self, name: bytes) -> None:
         """Remove an attribute; FsError(ENODATA) if absent."""
-        self._check_name(name)
-        if self._tree.root == 0:
-            raise FsError(errno.ENODATA)
-        key, v0, _, _ = self._find(name)
-        if key is None:
-            raise FsError(errno.ENODATA)
-        vlen, nlen = CHUNK0_HEADER.unpack_from(v0, 0)
+        key, _v0, vlen, nlen = self._locate(name)
         for i in range(n_chunks(nlen, vlen)):
             try:
                 self._tree.delete(key + i)
