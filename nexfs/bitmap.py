@@ -181,6 +181,7 @@ class Bitmap:
         self.pending: dict[int, int] = {}
         self.pending_new: dict[int, int] = {}
         self.pending_count = 0
+        self._last_tail: int | None = None
 
     # -- geometry ----------------------------------------------------------------------------
 
@@ -188,8 +189,13 @@ class Bitmap:
         return min(BPB, self.nitems - g * BPB)
 
     def tail_mask(self, g: int) -> int:
-        """Bits of group g beyond the last item: permanently set."""
-        return FULL & ~((1 << self.valid_in_group(g)) - 1)
+        """Bits of group g beyond the last item: permanently set.  Only the last group has
+        any; it is computed once (a 32512-bit mask is not free to build on every lookup)."""
+        if g != self.ngroups - 1:
+            return 0
+        if self._last_tail is None:
+            self._last_tail = FULL & ~((1 << self.valid_in_group(g)) - 1)
+        return self._last_tail
 
     # -- summary -----------------------------------------------------------------------------
 
