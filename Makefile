@@ -5,8 +5,8 @@
 PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
-DEB_PKGS := fuse3 libfuse3-dev pkg-config gcc util-linux e2fsprogs fuse2fs fio rsync \
-            sqlite3 attr acl git tar
+DEB_PKGS := python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev util-linux \
+            e2fsprogs fuse2fs fio rsync sqlite3 attr acl git tar
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test long deps venv lint bench bench-quick clean
