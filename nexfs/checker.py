@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import stat
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -22,7 +21,8 @@ from .btree import KIND_DIR, KIND_EXTENTS, LeafCheck, Node, decode_node
 from .dirindex import ENTRY_HEADER, DirIndex
 from .dirindex import _leaf_check as dir_leaf_check
 from .extents import AREA_HEADER, MAX_FILE_BLOCKS, TREE_VALUE, ExtentMap
-from .inode import DATA_AREA_SIZE, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
+from .fs import ROOT_INO, SYMLINK_MAX
+from .inode import DATA_AREA_SIZE, DIR_ROOT, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
 from .metastore import BLOCK_SIZE, MetaBlock
 from .store import Store
 from .types import BlockNo, CorruptionError, FsError, InodeNo
@@ -31,10 +31,6 @@ from .xattr import XattrStore
 
 log = logging.getLogger(__name__)
 
-ROOT_INO = 1
-LOST_FOUND_INO = 2
-SYMLINK_MAX = 4095
-_ROOT_AREA = struct.Struct("<Q")
 M = TypeVar("M", bound=MetaBlock)
 
 
@@ -345,7 +341,7 @@ class _Scanner:
 
     def _directory(self, info: InodeInfo) -> None:
         ino = info.ino
-        (root,) = _ROOT_AREA.unpack_from(info.inode.area, 0)
+        (root,) = DIR_ROOT.unpack_from(info.inode.area, 0)
         tracker = Tracker(self.store)
         index = DirIndex(tracker, InodeNo(ino), root, self.hash_key)
         try:

@@ -22,7 +22,6 @@ import functools
 import logging
 import os
 import stat
-import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -31,7 +30,7 @@ from . import perms
 from .attr import UTIME_NOW, Attr, Ctx, SetAttr, StatFs
 from .dirindex import DirIndex
 from .fileio import FileData
-from .inode import DATA_AREA_SIZE, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
+from .inode import DATA_AREA_SIZE, DIR_ROOT, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
 from .inodes import InodeCache, OwnedStore
 from .layout import LOST_FOUND_INODE, ROOT_INODE
 from .metastore import BLOCK_SIZE
@@ -49,7 +48,6 @@ LINK_MAX = 65000
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
-_ROOT_AREA = struct.Struct("<Q")
 _DAY_NS = 86400 * 1_000_000_000
 
 T = TypeVar("T")
@@ -243,12 +241,12 @@ class FileSystem:
         return OwnedStore(self.store, inode, self._dirty)
 
     def _dir(self, inode: Inode) -> DirIndex:
-        (root,) = _ROOT_AREA.unpack_from(inode.area, 0)
+        (root,) = DIR_ROOT.unpack_from(inode.area, 0)
         return DirIndex(self._owned(inode), InodeNo(inode.ino), root, self.store.sb.hash_key)
 
     def _dir_changed(self, inode: Inode, index: DirIndex | None = None) -> None:
         if index is not None:
-            _ROOT_AREA.pack_into(inode.area, 0, index.root)
+            DIR_ROOT.pack_into(inode.area, 0, index.root)
         inode.size = max(1, inode.blocks) * BLOCK_SIZE
         self._dirty(inode)
 

@@ -47,6 +47,10 @@ _CRC_OFFSET = 124
 _FIXED = struct.Struct("<IIIIQQQ qI qI qI qI IIQQQI")
 assert _FIXED.size == _CRC_OFFSET
 
+DIR_ROOT = struct.Struct("<Q")
+"""Directories: the directory index's root block, at the start of the data area (the rest of
+the area is zero)."""
+
 INODE_FLAG_INLINE = 0x1
 """The data area holds the symlink target itself (targets up to DATA_AREA_SIZE bytes)."""
 INODE_FLAG_ORPHAN = 0x2

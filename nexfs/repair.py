@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 from .attr import ROOT_CTX
 from .bitmap import BPB, UNINIT, Bitmap, BitmapBlock, SummaryBlock
-from .checker import LOST_FOUND_INO, ROOT_INO, InodeInfo, Scan
+from .checker import InodeInfo, Scan
 from .dirindex import DirIndex
 from .extents import ExtentMap
-from .fs import FileSystem
+from .fs import LOST_FOUND_INO, ROOT_INO, FileSystem
 from .inode import INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode, free_slot
 from .layout import SUMMARY_ENTRIES
 from .metastore import BLOCK_SIZE
@@ -248,8 +248,8 @@ class Repairer:
         lf_inode.parent = ROOT_INO
         fs._dirty(lf_inode)
         # Everything below it is reachable again (the walk of the checker's pass 3).
-        reached = {LOST_FOUND_INO}
-        todo = [LOST_FOUND_INO]
+        reached: set[int] = {LOST_FOUND_INO}
+        todo: list[int] = [LOST_FOUND_INO]
         while todo:
             dino = todo.pop()
             for _c, _n, child, _t in found.inodes[dino].entries:
