@@ -203,8 +203,8 @@ class FileData:
         ((_l, phys, _n),) = self.emap.map(lblk, 1)
         if phys == 0:
             return
-        buf = self.store.alloc_buffer(BLOCK_SIZE)
-        view = memoryview(buf)
+        # The request's scratch buffer: callers take their own only after this returns.
+        view = self.store.data_buffer(BLOCK_SIZE)
         self.store.read_data(BlockNo(phys), 1, into=view)
         view[size % BLOCK_SIZE :] = bytes(BLOCK_SIZE - size % BLOCK_SIZE)
         self.store.write_data(BlockNo(phys), 1, view)
