@@ -35,9 +35,13 @@ from __future__ import annotations
 
 import stat
 import struct
+from typing import TYPE_CHECKING
 
 from . import checksum
 from .types import CorruptionError, InodeNo
+
+if TYPE_CHECKING:
+    from .fileio import FileData
 
 INODE_SIZE = 256
 DATA_AREA_OFFSET = 128
@@ -68,9 +72,9 @@ class Inode:
     encoded into its table slot when the transaction is prepared for commit."""
 
     __slots__ = (
-        "area", "atime_ns", "blocks", "btime_ns", "ctime_ns", "flags", "generation", "gid",
-        "ino", "mode", "mtime_ns", "nlink", "orphan_next", "parent", "rdev", "size", "uid",
-        "xattr_root",
+        "area", "atime_ns", "blocks", "btime_ns", "ctime_ns", "data", "flags", "generation",
+        "gid", "ino", "mode", "mtime_ns", "nlink", "orphan_next", "parent", "rdev", "size",
+        "uid", "xattr_root",
     )
 
     def __init__(self, ino: InodeNo) -> None:
@@ -92,6 +96,9 @@ class Inode:
         self.orphan_next = 0
         self.parent = 0
         self.area = bytearray(DATA_AREA_SIZE)
+        # Not on disk: the FileData (decoded extent map) over ``area``, built on first use by
+        # the filesystem and dropped with this object (nexfs/fs.py, _data).
+        self.data: FileData | None = None
 
     @property
     def is_dir(self) -> bool:

@@ -71,7 +71,9 @@ mount options (-o, comma-separated):
   allow_other        let users other than the one who mounted access the files
   noatime, relatime, strictatime
                      when to update access times (default relatime)
-  cache_size=SIZE    the daemon's block cache limit, e.g. 64M (default: the core's)
+  cache_size=SIZE    the daemon's metadata cache limit, e.g. 64M (default 64M)
+  data_cache=SIZE    the daemon's file data cache (small writes are acknowledged from it
+                     and written at the next commit), e.g. 64M (default 64M; 0: none)
   commit=SECONDS     commit the running transaction this often (default 5)
   dev, nodev, suid, nosuid, exec, noexec, sync, async, dirsync
                      passed to the kernel as mount flags
@@ -105,6 +107,7 @@ class MountConfig:
     allow_other: bool = False
     atime: str = "relatime"
     cache_blocks: int | None = None
+    data_cache_blocks: int | None = None
     commit_interval: float | None = None
     kernel_options: list[str] = field(default_factory=list)
     log_file: str | None = None
@@ -131,14 +134,17 @@ def parse_options(texts: list[str], config: MountConfig) -> None:
                 config.atime = ATIME_OPTIONS[option]
             elif option == "debug":
                 config.debug = True
-            elif name == "cache_size":
+            elif name in ("cache_size", "data_cache"):
                 try:
                     size = parse_size(value)
                 except ValueError as exc:
-                    raise MountError(f"cache_size: {exc}", EXIT_USAGE) from None
+                    raise MountError(f"{name}: {exc}", EXIT_USAGE) from None
                 from .metastore import BLOCK_SIZE
 
-                config.cache_blocks = max(1, size // BLOCK_SIZE)
+                if name == "cache_size":
+                    config.cache_blocks = max(1, size // BLOCK_SIZE)
+                else:
+                    config.data_cache_blocks = size // BLOCK_SIZE
             elif name == "commit":
                 try:
                     seconds = float(value)
@@ -399,7 +405,8 @@ def open_volume(config: MountConfig) -> tuple[Any, Any]:
         cap = devfault.wrap(valve.grant(rights), os.environ.get(devfault.DEVICE_FAULT_ENV),
                             config.read_only)
         fs = FileSystem.open(cap, read_only=config.read_only,
-                             cache_blocks=config.cache_blocks, atime=config.atime)
+                             cache_blocks=config.cache_blocks,
+                             data_cache_blocks=config.data_cache_blocks, atime=config.atime)
     except NotNexfsError:
         valve.close()
         raise MountError(f"{config.image} is not a NexFS volume (mkfs.nexfs makes one)") from None
@@ -422,8 +429,9 @@ def open_volume(config: MountConfig) -> tuple[Any, Any]:
 
 
 async def _serve_loop(ops: Any, config: MountConfig, stop: StopRequest) -> None:
-    import pyfuse3
     import trio
+
+    from . import fuseloop
 
     async with trio.open_nursery() as nursery:
         if config.commit_interval is None:
@@ -431,7 +439,7 @@ async def _serve_loop(ops: Any, config: MountConfig, stop: StopRequest) -> None:
         else:
             nursery.start_soon(ops.commit_periodically, config.commit_interval)
         nursery.start_soon(watch_signals, config.mountpoint, stop)
-        await pyfuse3.main()
+        await fuseloop.serve()
         nursery.cancel_scope.cancel()
 
 

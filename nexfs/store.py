@@ -38,6 +38,8 @@ from typing import Any, ParamSpec, TypeVar, cast
 from .bitmap import BPB, Bitmap
 from .blockdev import BlockDev, BlockDevice, Filler, copy_filler, write_runs
 from .cache import BlockCache
+from .datacache import DEFAULT_BLOCKS as DEFAULT_DATA_CACHE_BLOCKS
+from .datacache import DataCache
 from .itable import InodeTableBlock, first_inode_of, locate
 from .journal import Journal, max_images, scan
 from .layout import (
@@ -129,7 +131,7 @@ class Store:
     """Cache + journal + allocators of one open volume.  Use :meth:`open` or :meth:`format`."""
 
     def __init__(self, bdev: BlockDev, sb: Superblock, *, read_only: bool,
-                 cache_blocks: int) -> None:
+                 cache_blocks: int, data_cache_blocks: int = DEFAULT_DATA_CACHE_BLOCKS) -> None:
         self.bdev = bdev
         self.sb = sb
         self.geo: Geometry = sb.geo
@@ -148,8 +150,10 @@ class Store:
         self._ckpt: dict[int, tuple[int, int]] = {}
         # Read-only open of a volume needing replay: the replayed images, never written home.
         self._overlay: dict[int, bytes] = {}
+        # Data written to the device since the last barrier (the data cache keeps its own flag).
         self._data_unsynced = False
         self._data_buf: memoryview | None = None  # see data_buffer()
+        self._data = DataCache(bdev, data_cache_blocks)
         self._changes = 0
         self._reserved_blocks = 0
         self._reserved_inodes = 0
@@ -177,7 +181,8 @@ class Store:
 
     @classmethod
     def open(cls, dev: BlockDevice, *, read_only: bool = False,
-             cache_blocks: int = DEFAULT_CACHE_BLOCKS, ignore_error: bool = False,
+             cache_blocks: int = DEFAULT_CACHE_BLOCKS,
+             data_cache_blocks: int = DEFAULT_DATA_CACHE_BLOCKS, ignore_error: bool = False,
              salvage_state: bool = False) -> Store:
         """Open a volume: pick the superblock, replay the journal, load the state block.
 
@@ -208,7 +213,7 @@ class Store:
             error = sb.error_reason or "volume marked as needing fsck"
             log.warning("volume is marked as needing fsck (%s): opening read-only", error)
         store = cls(bdev, sb, read_only=read_only or error is not None,
-                    cache_blocks=cache_blocks)
+                    cache_blocks=cache_blocks, data_cache_blocks=data_cache_blocks)
         try:
             store._recover()
             try:
@@ -257,6 +262,7 @@ class Store:
         """Drop the store without writing anything (as if power was cut now): the running
         transaction is lost, the journal is replayed at the next open."""
         self._running.clear()
+        self._data.clear()
         self._closed = True
 
     def __enter__(self) -> Store:
@@ -290,7 +296,8 @@ class Store:
     @property
     def needs_barrier(self) -> bool:
         """True while something written (data or a commit) is not yet known durable."""
-        return self._data_unsynced or self.durable_tid < self.committed_tid
+        return (self._data_unsynced or self._data.unsynced or self._data.dirty_count > 0
+                or self.durable_tid < self.committed_tid)
 
     @property
     def txn_blocks(self) -> int:
@@ -324,6 +331,7 @@ class Store:
         log.error("filesystem error, continuing read-only: %s", reason)
         was_writable = not self._opened_read_only and not self._closed
         self.error = reason or "unspecified error"
+        self._data.clear()  # unwritten data of a volume that can take no more writes
         for blkno in self._running:
             self._cache.remove(blkno)
         dropped_state = STATE_BLOCK in self._running
@@ -434,6 +442,7 @@ class Store:
         when one is needed (fsync after data-only writes).
         """
         self._check_writable()
+        self._flush_data()  # ordered data: before the metadata that points at it
         if not self._running:
             if durable and self.needs_barrier:
                 self._barrier()
@@ -455,7 +464,7 @@ class Store:
         elif data_barrier:
             self.durable_tid = self.committed_tid  # everything before this commit
         self.committed_tid = txn.tid
-        self._data_unsynced = False
+        self._data_unsynced = self._data.unsynced = False
         self.blocks.commit_pending()
         self._running.clear()
         self._cache.evict(self._running)
@@ -482,7 +491,7 @@ class Store:
             where = j.start + j.length - 1
             content = bytes(self.bdev.read_blocks(where, 1))
         write_runs(self.bdev, [(where, copy_filler(content))], durable=True)
-        self._data_unsynced = False
+        self._data_unsynced = self._data.unsynced = False
         self.durable_tid = self.committed_tid
 
     @_guarded
@@ -526,7 +535,7 @@ class Store:
             self.sb.state = STATE_CLEAN
             self._write_sb()
         self.blocks.release_pending()
-        self._data_unsynced = False
+        self._data_unsynced = self._data.unsynced = False
         self.durable_tid = self.committed_tid
 
     def _ckpt_filler(self, home: int, pos: int, tid: int, from_journal: bool) -> Filler:
@@ -667,6 +676,7 @@ class Store:
         if count < 1 or start < g.data_start or start + count > g.backup_sb:
             raise CorruptionError(start, "extent", f"freeing {count} block(s) outside the data "
                                                    "area")
+        self._data.discard(start, count)
         i, left = int(start), count
         while left:
             take = min(left, BPB - i % BPB)
@@ -818,7 +828,7 @@ class Store:
         return buf[:nbytes]
 
     def read_data(self, blkno: BlockNo, count: int, into: Any = None) -> memoryview:
-        """Read file data straight from the device (no cache in this layer).
+        """Read file data, through the data cache (nexfs/datacache.py).
 
         A device error is returned as FsError(errno) without entering the error state (a
         failed read changes nothing)."""
@@ -827,8 +837,10 @@ class Store:
         except CorruptionError as e:
             self.mark_error(str(e))
             raise
+        view = self.bdev.alloc(count) if into is None else memoryview(into).cast("B")
         try:
-            return self.bdev.read_blocks(blkno, count, into)
+            self._data.read(blkno, count, view)
+            return view
         except OSError as e:
             # Not an ordinary failure: quiet to the caller's errno, but the log must say why.
             log.error("device error reading data blocks %d+%d: %s", blkno, count, e)
@@ -836,12 +848,24 @@ class Store:
 
     @_guarded
     def write_data(self, blkno: BlockNo, count: int, data: Any | Sequence[Any]) -> None:
-        """Write file data straight to the device (one buffer or a list: vectored).  It is
-        made durable before the next commit block (ordered data)."""
+        """Write file data (one buffer or a list: vectored): small writes into the data
+        cache, large ones straight to the device.  Either way it is on the device, and
+        durable, before the next commit block (ordered data)."""
         self._check_writable()
         self._check_data(blkno, count)
+        cached = self._data.write(blkno, count, data)
         self._data_unsynced = True
+        if cached:
+            return
         self.bdev.write_blocks(blkno, count, data)
+
+    def _flush_data(self) -> None:
+        """Write the data cache's dirty blocks to the device; the next barrier or commit
+        block makes them durable."""
+        self._data.flush()
+        if self._data.unsynced:
+            self._data.unsynced = False
+            self._data_unsynced = True
 
     # -- reporting ---------------------------------------------------------------------------
 

@@ -27,7 +27,9 @@ from memdev import MemDevice
 
 from nexfs.attr import SetAttr
 from nexfs.checker import scan
+from nexfs.datacache import SMALL_MAX
 from nexfs.fs import ROOT_INO, FileSystem
+from nexfs.metastore import BLOCK_SIZE
 from nexfs.types import FsError
 from valve import Rights, Valve
 
@@ -261,13 +263,32 @@ def test_second_fsync_after_failed_one_fails(datasync: bool, fault: str,
         again.close()
 
 
-def test_data_write_error_is_reported_by_write(caplog: pytest.LogCaptureFixture) -> None:
+def test_large_data_write_error_is_reported_by_write(caplog: pytest.LogCaptureFixture) -> None:
+    """A write larger than the data cache takes goes straight to the device: its error is
+    the write's."""
     dev = FaultDevice(BASE.snapshot())
     fs = FileSystem.open(dev)
     ino = fs.create(ROOT_INO, b"f", 0o644, ROOT).ino
     dev.fail_write(1)
     with caplog.at_level(logging.ERROR), pytest.raises(FsError) as exc:
-        fs.write(ino, 0, b"x" * 8192, ROOT)
+        fs.write(ino, 0, b"x" * (SMALL_MAX + 1) * BLOCK_SIZE, ROOT)
+    assert exc.value.errno == errno.EIO
+    assert fs.read_only
+    _after_failure(fs, exc.value, caplog)
+
+
+def test_cached_data_write_error_is_reported_by_fsync(caplog: pytest.LogCaptureFixture) -> None:
+    """A small write is acknowledged from the data cache; the device error of writing it
+    out reaches fsync (as with any write-back cache), and the volume turns read-only."""
+    dev = FaultDevice(BASE.snapshot())
+    fs = FileSystem.open(dev)
+    ino = fs.create(ROOT_INO, b"f", 0o644, ROOT).ino
+    fs.fsync(ino, False)
+    dev.fail_write(1)
+    assert fs.write(ino, 0, b"x" * 8192, ROOT) == 8192
+    assert fs.read(ino, 0, 8192) == b"x" * 8192  # served from the cache
+    with caplog.at_level(logging.ERROR), pytest.raises(FsError) as exc:
+        fs.fsync(ino, False)
     assert exc.value.errno == errno.EIO
     assert fs.read_only
     _after_failure(fs, exc.value, caplog)
