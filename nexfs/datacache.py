@@ -5,9 +5,9 @@ mount waits for the device, and every small file a ``tar`` extracts is its own d
 Here a small write (up to :data:`SMALL_MAX` blocks) is copied into memory and acknowledged;
 the dirty blocks go to the device together, sorted by block number so that neighbours
 (consecutive small files are allocated next to each other) leave as one write of up to
-1 MiB.  Small reads are served from, and fill, the same cache.  Large requests are already
-efficient and go straight to the device (a large write drops any cached copy of its blocks;
-a large read overlays the dirty blocks it covers).
+1 MiB.  Small reads are served from, and fill, the same cache.  Large requests bypass the
+cache (a large write, which the store hands to its write-behind thread, drops any cached
+copy of its blocks; a large read overlays the dirty blocks it covers).
 
 Ordered data is kept by the store: it calls :meth:`DataCache.flush` before every journal
 commit, so data reaches the device before the metadata that points at it, exactly as when
@@ -93,15 +93,14 @@ class DataCache:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def write(self, blkno: int, count: int, data: Any) -> bool:
-        """Take a write of ``count`` blocks.  Returns True when it was cached (the caller
-        must not write it), False when the caller writes it to the device itself (a large
-        write; the cache has dropped its copies of those blocks)."""
+    def takes(self, count: int) -> bool:
+        """Whether a write of ``count`` blocks goes into the cache (else the caller writes
+        it to the device and drops the blocks with :meth:`discard`)."""
+        return 0 < count <= SMALL_MAX and self.capacity > 0
+
+    def write(self, blkno: int, count: int, data: Any) -> None:
+        """Cache a write of ``count`` blocks (:meth:`takes` said yes), dirty."""
         blocks = self._blocks
-        if count > SMALL_MAX or not self.capacity:
-            if blocks:
-                self.discard(blkno, count)
-            return False
         if isinstance(data, list | tuple):
             data = b"".join(data)
         view = memoryview(data).cast("B")
@@ -113,7 +112,6 @@ class DataCache:
         if len(self._dirty) > self.dirty_limit:
             self.flush()
         self._evict()
-        return True
 
     def discard(self, blkno: int, count: int) -> None:
         """Blocks freed (or about to be overwritten on the device): forget them."""

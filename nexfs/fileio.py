@@ -1,6 +1,7 @@
 """File contents: reading, writing and truncating through an inode's extent map.
 
-Data blocks are written straight to the device (ordered mode: the store puts a barrier between
+Data blocks are written in place through the store's data path (data cache for small writes,
+write-behind for large ones; ordered mode: the store drains both and puts a barrier between
 them and the commit of the metadata that points at them).  A write into a hole allocates
 contiguous runs near the file's last extent so large files stay contiguous; space is reserved
 before anything changes, so a write either completes or fails with ENOSPC having changed

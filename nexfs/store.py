@@ -66,14 +66,12 @@ from .metastore import (
 )
 from .types import BlockNo, CorruptionError, FsError, InodeNo
 from .volume import Progress, format_volume, read_superblock, write_superblock
+from .writebehind import BUFFER_BYTES, LostWriteError, WriteBehind
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BLOCKS = 16384
 """Default cache budget in blocks (64 MiB of decoded metadata)."""
-
-DATA_BUFFER_MAX = 2 * 1024 * 1024
-"""Size of the reusable data buffer: a 1 MiB FUSE request at any offset fits."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -152,8 +150,8 @@ class Store:
         self._overlay: dict[int, bytes] = {}
         # Data written to the device since the last barrier (the data cache keeps its own flag).
         self._data_unsynced = False
-        self._data_buf: memoryview | None = None  # see data_buffer()
         self._data = DataCache(bdev, data_cache_blocks)
+        self._wb = WriteBehind(bdev)  # also the pool behind data_buffer()
         self._changes = 0
         self._reserved_blocks = 0
         self._reserved_inodes = 0
@@ -250,6 +248,8 @@ class Store:
                 self._close_writable()
         finally:
             self._closed = True
+            self._wb.close()
+            self._data.clear()  # flushed by the commit above (or dropped after an error)
 
     @_guarded
     def _close_writable(self) -> None:
@@ -263,6 +263,7 @@ class Store:
         transaction is lost, the journal is replayed at the next open."""
         self._running.clear()
         self._data.clear()
+        self._wb.close()
         self._closed = True
 
     def __enter__(self) -> Store:
@@ -297,7 +298,7 @@ class Store:
     def needs_barrier(self) -> bool:
         """True while something written (data or a commit) is not yet known durable."""
         return (self._data_unsynced or self._data.unsynced or self._data.dirty_count > 0
-                or self.durable_tid < self.committed_tid)
+                or self._wb.busy() or self.durable_tid < self.committed_tid)
 
     @property
     def txn_blocks(self) -> int:
@@ -513,6 +514,7 @@ class Store:
         ``from_journal`` (checkpoint in the middle of an operation, when a cached block may
         already hold changes not yet passed to dirty()).
         """
+        self._wb.wait_all()  # no data write may land on a block after it is reused
         if self._ckpt or self.journal.head:
             if self.durable_tid < self.committed_tid:
                 # A home block may be overwritten only once the journal copy that can
@@ -813,19 +815,16 @@ class Store:
         return self.bdev.alloc_buffer(nbytes)
 
     def data_buffer(self, nbytes: int) -> memoryview:
-        """An aligned scratch buffer of ``nbytes`` for one request's data, reused by the
-        next call (the core is single-threaded and copies out before it returns).
+        """An aligned scratch buffer of ``nbytes`` for one request's data.  Data written
+        from it with :meth:`write_data` leaves on the write-behind thread
+        (nexfs/writebehind.py); the buffer is handed out again only once that is done.
 
         Why not a fresh buffer per request: each is a new mmap, so O_DIRECT first faults
         in and zeroes its pages and the munmap afterwards costs a TLB shootdown; that
         made a 4 KiB read take ~170 us instead of the device's ~60 us."""
-        buf = self._data_buf
-        if buf is None or buf.nbytes < nbytes:
-            if nbytes > DATA_BUFFER_MAX:
-                return memoryview(self.bdev.alloc_buffer(nbytes)).cast("B")
-            buf = memoryview(self.bdev.alloc_buffer(DATA_BUFFER_MAX)).cast("B")
-            self._data_buf = buf
-        return buf[:nbytes]
+        if nbytes > BUFFER_BYTES:
+            return memoryview(self.bdev.alloc_buffer(nbytes)).cast("B")
+        return self._wb.buffer(nbytes)
 
     def read_data(self, blkno: BlockNo, count: int, into: Any = None) -> memoryview:
         """Read file data, through the data cache (nexfs/datacache.py).
@@ -839,8 +838,13 @@ class Store:
             raise
         view = self.bdev.alloc(count) if into is None else memoryview(into).cast("B")
         try:
+            self._wb.wait_overlapping(blkno, count)
             self._data.read(blkno, count, view)
             return view
+        except LostWriteError as e:
+            # Acknowledged data never reached the device: that is a write failure.
+            self.mark_error(f"device error: {e}")
+            raise FsError(errno.EIO, f"reading data block {blkno}: {e}") from e
         except OSError as e:
             # Not an ordinary failure: quiet to the caller's errno, but the log must say why.
             log.error("device error reading data blocks %d+%d: %s", blkno, count, e)
@@ -849,19 +853,28 @@ class Store:
     @_guarded
     def write_data(self, blkno: BlockNo, count: int, data: Any | Sequence[Any]) -> None:
         """Write file data (one buffer or a list: vectored): small writes into the data
-        cache, large ones straight to the device.  Either way it is on the device, and
-        durable, before the next commit block (ordered data)."""
+        cache, large ones from a ``data_buffer`` to the write-behind thread, others straight
+        to the device.  Either way it is on the device, and durable, before the next commit
+        block (ordered data)."""
         self._check_writable()
         self._check_data(blkno, count)
-        cached = self._data.write(blkno, count, data)
         self._data_unsynced = True
-        if cached:
+        if self._data.takes(count):
+            # An older write of these blocks may still be in flight: let it land first, so
+            # that no dirty cached block is ever overtaken (flushes need not wait).
+            self._wb.wait_overlapping(blkno, count)
+            self._data.write(blkno, count, data)
             return
-        self.bdev.write_blocks(blkno, count, data)
+        self._data.discard(blkno, count)
+        if not self._wb.submit(blkno, count, data):
+            self._wb.wait_overlapping(blkno, count)
+            self.bdev.write_blocks(blkno, count, data)
 
     def _flush_data(self) -> None:
         """Write the data cache's dirty blocks to the device; the next barrier or commit
-        block makes them durable."""
+        block makes them durable.  Writes still in flight on the write-behind thread are
+        waited for first (their error, if any, is raised here)."""
+        self._wb.wait_all()
         self._data.flush()
         if self._data.unsynced:
             self._data.unsynced = False
