@@ -117,11 +117,13 @@ def test_write_behind_writes_in_order_and_reports_errors() -> None:
 # -- through the filesystem --------------------------------------------------------------------
 
 
-def test_fs_mixed_sizes_read_back_before_and_after_remount() -> None:
+@pytest.mark.parametrize("cache_blocks", [64, 0], ids=["cache", "no-cache"])
+def test_fs_mixed_sizes_read_back_before_and_after_remount(cache_blocks: int) -> None:
     """Random small and large writes and overwrites against a model, read back at random
-    moments (cache hits, in-flight writes), then after a clean remount."""
+    moments (cache hits, in-flight writes), then after a clean remount; also with the data
+    cache off (mount option data_cache=0)."""
     dev = _fresh()
-    fs = FileSystem.open(dev, data_cache_blocks=64)
+    fs = FileSystem.open(dev, data_cache_blocks=cache_blocks)
     rng = random.Random(5)
     ino = fs.create(ROOT_INO, b"f", 0o644, ROOT).ino
     model = bytearray()

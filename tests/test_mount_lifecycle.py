@@ -231,7 +231,8 @@ def test_mount_t_fuse_nexfs(mounter: Mounter, fuse_helper: Path, tmp_path: Path)
     image = mounter.image()
     mnt = mounter.mountpoint()
     # What an fstab line passes: generic options that must be accepted and ignored.
-    options = "rw,noatime,nofail,_netdev,x-systemd.automount,defaults,cache_size=64M"
+    options = ("rw,noatime,nofail,_netdev,x-systemd.automount,defaults,cache_size=64M,"
+               "data_cache=16M")
     result = subprocess.run(["mount", "-t", "fuse.nexfs", "-o", options, str(image), str(mnt)],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
@@ -346,6 +347,7 @@ def test_failing_handler_answers_eio_and_mount_stays_up(mounter: Mounter,
     (["{img}"], "give both"),
     (["{img}", "{mnt}", "-o", "frobnicate"], "unknown mount option"),
     (["{img}", "{mnt}", "-o", "cache_size=lots"], "cache_size"),
+    (["{img}", "{mnt}", "-o", "data_cache=-1"], "data_cache"),
     (["{img}", "{mnt}", "-o", "commit=soon"], "commit=soon"),
 ])
 def test_user_mistakes_are_one_line(tmp_path: Path, mounter: Mounter, args: list[str],
@@ -366,7 +368,7 @@ def test_user_mistakes_are_one_line(tmp_path: Path, mounter: Mounter, args: list
 def test_help() -> None:
     result = run_mount("--help")
     assert result.returncode == 0
-    for word in ("allow_other", "cache_size", "noatime", "exit status", "ro"):
+    for word in ("allow_other", "cache_size", "data_cache", "noatime", "exit status", "ro"):
         assert word in result.stdout
 
 
