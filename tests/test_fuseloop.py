@@ -24,10 +24,18 @@ def pipe() -> Iterator[tuple[int, int]]:
 
 
 async def test_waiting_request_is_taken_without_a_scheduler_pass(
-        pipe: tuple[int, int]) -> None:
+        pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
     r, w = pipe
     low = fuseloop._Trio().lowlevel
     os.write(w, b"x")
+    through_trio: list[int] = []
+    real_wait = trio.lowlevel.wait_readable
+
+    async def counting_wait(fd: int) -> None:
+        through_trio.append(fd)
+        await real_wait(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait)
     ran: list[int] = []
 
     async def other() -> None:
@@ -35,13 +43,13 @@ async def test_waiting_request_is_taken_without_a_scheduler_pass(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(other)
-        for _ in range(fuseloop.YIELD_EVERY - 1):
+        for _ in range(fuseloop.YIELD_EVERY):
             await low.wait_readable(r)
         # No pass through trio's scheduler so far: the other task has not run.
-        assert ran == []
-        for _ in range(2):  # the YIELD_EVERY-th wait goes through trio
-            await low.wait_readable(r)
-        assert ran == [1]
+        assert ran == [] and through_trio == []
+        await low.wait_readable(r)  # the next wait goes through trio, which runs the others
+        assert through_trio == [r]
+    assert ran == [1]
 
 
 async def test_idle_wait_goes_to_trio_and_can_be_cancelled(pipe: tuple[int, int]) -> None:
