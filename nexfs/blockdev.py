@@ -110,12 +110,16 @@ def copy_filler(src: bytes | bytearray | memoryview) -> Filler:
 
 
 def write_runs(bdev: BlockDev, blocks: list[tuple[int, Filler]], *, durable: bool,
-               progress: Callable[[int], None] | None = None) -> None:
+               progress: Callable[[int], None] | None = None,
+               buf: memoryview | None = None) -> None:
     """Write many blocks: sorted, contiguous ones in one aligned write of up to RUN_MAX.
 
     Each entry is ``(blkno, fill)``; ``fill(slot)`` writes the block's 4096 bytes into the
     aligned slot, so encoders serialise straight into the I/O buffer.  With ``durable`` the
-    last write carries the barrier (it covers every earlier write).
+    last write carries the barrier (it covers every earlier write).  ``progress(n)`` is
+    called after each write with the number of blocks it carried (the first ``n`` of the
+    sorted remainder).  ``buf``: an aligned buffer of RUN_MAX blocks to reuse for every
+    write (callers that flush often); otherwise each write gets a fresh one.
     """
     blocks = sorted(blocks, key=lambda e: e[0])
     i, n = 0, len(blocks)
@@ -125,10 +129,10 @@ def write_runs(bdev: BlockDev, blocks: list[tuple[int, Filler]], *, durable: boo
             j += 1
         if j < n and blocks[j][0] == blocks[j - 1][0]:
             raise ValueError(f"block {blocks[j][0]} written twice in one batch")
-        buf = bdev.alloc(j - i)
+        out = bdev.alloc(j - i) if buf is None else buf[: (j - i) * BLOCK_SIZE]
         for k in range(i, j):
-            blocks[k][1](buf[(k - i) * BLOCK_SIZE : (k - i + 1) * BLOCK_SIZE])
-        bdev.write_blocks(blocks[i][0], j - i, buf, durable=durable and j == n)
+            blocks[k][1](out[(k - i) * BLOCK_SIZE : (k - i + 1) * BLOCK_SIZE])
+        bdev.write_blocks(blocks[i][0], j - i, out, durable=durable and j == n)
         if progress is not None:
             progress(j - i)
         i = j

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from .blockdev import RUN_MAX, copy_filler, write_runs
 from .metastore import BLOCK_SIZE
 
 if TYPE_CHECKING:
@@ -29,9 +30,6 @@ if TYPE_CHECKING:
 
 SMALL_MAX = 16
 """Requests of at most this many blocks (64 KiB) go through the cache."""
-
-RUN_MAX = 256
-"""Most blocks one flush write carries (1 MiB)."""
 
 DEFAULT_BLOCKS = 16384
 """Default capacity: 64 MiB of data."""
@@ -50,8 +48,6 @@ class DataCache:
         self._blocks: OrderedDict[int, bytearray] = OrderedDict()
         self._dirty: set[int] = set()
         self._flush_buf: memoryview | None = None
-        self.unsynced = False
-        """Set when a flush wrote something; the store clears it once a barrier covers it."""
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -66,7 +62,7 @@ class DataCache:
         """Fill ``into`` (``count`` blocks) with blocks ``blkno..``: cached blocks from
         memory, the rest from the device (and, for small reads, into the cache)."""
         blocks = self._blocks
-        if count > SMALL_MAX or not self.capacity:
+        if not self.takes(count):
             self._bdev.read_blocks(blkno, count, into)
             if self._dirty:
                 for i in range(count):
@@ -129,27 +125,23 @@ class DataCache:
                 self._dirty.discard(b)
 
     def flush(self) -> None:
-        """Write every dirty block, in block order, neighbours together (no barrier: sets
-        :attr:`unsynced`)."""
+        """Write every dirty block, in block order, neighbours together (no barrier: the
+        store makes them durable with its next barrier or commit)."""
         if not self._dirty:
             return
         order = sorted(self._dirty)
-        buf = self._flush_buf
-        if buf is None:
-            buf = self._flush_buf = self._bdev.alloc(RUN_MAX)
-        blocks = self._blocks
-        i, n = 0, len(order)
-        while i < n:
-            j = i + 1
-            while j < n and j - i < RUN_MAX and order[j] == order[j - 1] + 1:
-                j += 1
-            for k in range(i, j):
-                buf[(k - i) * BLOCK_SIZE : (k - i + 1) * BLOCK_SIZE] = blocks[order[k]]
-            self._bdev.write_blocks(order[i], j - i, buf[: (j - i) * BLOCK_SIZE])
+        if self._flush_buf is None:
+            self._flush_buf = self._bdev.alloc(RUN_MAX)
+        done = 0
+
+        def written(n: int) -> None:
             # Clean from here on: a failure in a later run leaves only later blocks dirty.
-            self._dirty.difference_update(order[i:j])
-            self.unsynced = True
-            i = j
+            nonlocal done
+            self._dirty.difference_update(order[done : done + n])
+            done += n
+
+        write_runs(self._bdev, [(b, copy_filler(self._blocks[b])) for b in order],
+                   durable=False, progress=written, buf=self._flush_buf)
 
     def clear(self) -> None:
         """Forget everything, dirty blocks included (the store entered its error state)."""

@@ -140,7 +140,7 @@ class FileSystem:
              data_cache_blocks: int | None = None, atime: str = "relatime") -> FileSystem:
         """Open the volume on ``dev`` (replaying its journal if it was not unmounted
         cleanly) and finish any deletions a crash interrupted.  ``cache_blocks`` bounds the
-        metadata cache, ``data_cache_blocks`` the data cache (0: none, every write goes
+        metadata cache, ``data_cache_blocks`` the data cache (0: none, small writes go
         straight to the device)."""
         kwargs: dict[str, Any] = {"read_only": read_only}
         if cache_blocks is not None:

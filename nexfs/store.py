@@ -148,7 +148,8 @@ class Store:
         self._ckpt: dict[int, tuple[int, int]] = {}
         # Read-only open of a volume needing replay: the replayed images, never written home.
         self._overlay: dict[int, bytes] = {}
-        # Data written to the device since the last barrier (the data cache keeps its own flag).
+        # Data written to the device, or handed to the data cache or write-behind to write,
+        # since the last barrier.
         self._data_unsynced = False
         self._data = DataCache(bdev, data_cache_blocks)
         self._wb = WriteBehind(bdev)  # also the pool behind data_buffer()
@@ -297,8 +298,8 @@ class Store:
     @property
     def needs_barrier(self) -> bool:
         """True while something written (data or a commit) is not yet known durable."""
-        return (self._data_unsynced or self._data.unsynced or self._data.dirty_count > 0
-                or self._wb.busy() or self.durable_tid < self.committed_tid)
+        return (self._data_unsynced or self._data.dirty_count > 0 or self._wb.busy()
+                or self.durable_tid < self.committed_tid)
 
     @property
     def txn_blocks(self) -> int:
@@ -465,7 +466,7 @@ class Store:
         elif data_barrier:
             self.durable_tid = self.committed_tid  # everything before this commit
         self.committed_tid = txn.tid
-        self._data_unsynced = self._data.unsynced = False
+        self._data_unsynced = False
         self.blocks.commit_pending()
         self._running.clear()
         self._cache.evict(self._running)
@@ -492,7 +493,7 @@ class Store:
             where = j.start + j.length - 1
             content = bytes(self.bdev.read_blocks(where, 1))
         write_runs(self.bdev, [(where, copy_filler(content))], durable=True)
-        self._data_unsynced = self._data.unsynced = False
+        self._data_unsynced = False
         self.durable_tid = self.committed_tid
 
     @_guarded
@@ -537,7 +538,7 @@ class Store:
             self.sb.state = STATE_CLEAN
             self._write_sb()
         self.blocks.release_pending()
-        self._data_unsynced = self._data.unsynced = False
+        self._data_unsynced = False
         self.durable_tid = self.committed_tid
 
     def _ckpt_filler(self, home: int, pos: int, tid: int, from_journal: bool) -> Filler:
@@ -875,10 +876,9 @@ class Store:
         block makes them durable.  Writes still in flight on the write-behind thread are
         waited for first (their error, if any, is raised here)."""
         self._wb.wait_all()
-        self._data.flush()
-        if self._data.unsynced:
-            self._data.unsynced = False
+        if self._data.dirty_count:
             self._data_unsynced = True
+            self._data.flush()
 
     # -- reporting ---------------------------------------------------------------------------
 

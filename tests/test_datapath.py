@@ -22,6 +22,7 @@ from nexfs.checker import scan
 from nexfs.datacache import SMALL_MAX, DataCache
 from nexfs.fs import ROOT_INO, FileSystem
 from nexfs.metastore import BLOCK_SIZE
+from nexfs.store import Store
 from nexfs.types import FsError
 from nexfs.writebehind import WriteBehind
 from valve import Rights, Valve
@@ -55,8 +56,26 @@ def test_cache_serves_latest_and_flushes_sorted_runs() -> None:
     assert dev.reads == 0  # all three from memory
     cache.flush()
     # 10-12 leave as one write, 20 and 30 alone: three writes, in block order.
-    assert dev.writes == 3 and cache.dirty_count == 0 and cache.unsynced
+    assert dev.writes == 3 and cache.dirty_count == 0
     assert bytes(bdev.read_blocks(11, 1)) == _block(11)
+
+
+def test_flushed_cache_data_still_needs_a_barrier() -> None:
+    """A commit with no metadata writes the cached data but no barrier: fsync must still
+    issue one (the store's bookkeeping of written-but-not-durable data)."""
+    dev = _fresh()
+    store = Store.open(dev)
+    start, _ = store.alloc_data(None, 1)
+    store.commit()
+    store.write_data(start, 1, _block(7))  # cached
+    store.checkpoint()  # a barrier while the block is still only in the cache
+    writes, barriers = dev.writes, dev.barriers
+    store.commit(durable=False)  # nothing to commit: only the cached block is written
+    assert dev.writes == writes + 1 and dev.barriers == barriers
+    assert store.needs_barrier
+    store.sync()
+    assert dev.barriers == barriers + 1 and not store.needs_barrier
+    store.close()
 
 
 def test_cache_bounds_dirty_and_total_blocks() -> None:
