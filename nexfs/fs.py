@@ -47,6 +47,7 @@ SYMLINK_MAX = 4095
 LINK_MAX = 65000
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 _DAY_NS = 86400 * 1_000_000_000
 
@@ -367,6 +368,8 @@ class FileSystem:
 
     @_reading
     def lookup(self, parent: int, name: bytes, ctx: Ctx) -> Attr:
+        if name == b".":
+            return self._attr(self._handle_inode(parent))
         directory = self._get_dir(parent)
         perms.check(directory, perms.X_OK, ctx)
         if len(name) > NAME_MAX:
@@ -375,6 +378,16 @@ class FileSystem:
         if inode is None:
             raise FsError(errno.ENOENT)
         return self._attr(inode)
+
+    def _handle_inode(self, ino: int) -> Inode:
+        """The inode a file handle names (docs/DESIGN.md, "File handles"): the kernel asks for
+        "." of an inode number it no longer caches, of any type, with no name to check
+        permissions on.  ENOENT (the kernel answers ESTALE) once the inode has no name left:
+        a free number, or one a new file got, is told apart by the generation."""
+        inode = self.inodes.get(ino)
+        if inode.nlink == 0:
+            raise FsError(errno.ENOENT)
+        return inode
 
     @_reading
     def getattr(self, ino: int) -> Attr:
@@ -531,10 +544,12 @@ class FileSystem:
     @_mutating
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                flags: int, ctx: Ctx) -> None:
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
-            RENAME_NOREPLACE | RENAME_EXCHANGE
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
+            flags & RENAME_EXCHANGE and flags != RENAME_EXCHANGE
         ):
             raise FsError(errno.EINVAL)
+        if flags & RENAME_WHITEOUT and ctx.uid != 0:
+            raise FsError(errno.EPERM)  # a whiteout is a device node: CAP_MKNOD, as in the VFS
         _check_name(old_name)
         _check_name(new_name)
         src_dir = self._get_dir(old_parent)
@@ -577,7 +592,9 @@ class FileSystem:
                 if dst is None and dst_dir.nlink >= LINK_MAX:
                     raise FsError(errno.EMLINK)
         index_dst = self._dir(dst_dir)
-        self.store.reserve(0 if dst is not None else index_dst.worst_case_new_blocks())
+        whiteout = bool(flags & RENAME_WHITEOUT)
+        self.store.reserve(0 if dst is not None else index_dst.worst_case_new_blocks(),
+                           ninodes=int(whiteout))
         try:
             now = _now()
             index_src = self._dir(src_dir)
@@ -588,7 +605,14 @@ class FileSystem:
             self._dir_changed(dst_dir, index_dst)
             if src_dir.ino == dst_dir.ino:
                 index_src = index_dst
-            index_src.remove(old_name)
+            if whiteout:
+                # overlayfs: the old name becomes a whiteout (a 0/0 character device) in the
+                # same operation, so no one ever sees the lower file through the gap.
+                uid, gid, mode = perms.initial_owner(src_dir, stat.S_IFCHR, ctx)
+                wh = self._new_inode(src_dir, mode, uid, gid, now)
+                index_src.replace(old_name, wh.ino, _dtype(wh.mode))
+            else:
+                index_src.remove(old_name)
             self._dir_changed(src_dir, index_src)
             self._touch_dir(src_dir, now)
             self._touch_dir(dst_dir, now)

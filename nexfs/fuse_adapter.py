@@ -128,8 +128,10 @@ class FuseAdapter(pyfuse3.Operations):
     enable_writeback_cache = True
     # ACLs are not supported; without FUSE_CAP_POSIX_ACL the kernel applies the umask itself.
     enable_acl = False
-    # "." and ".." lookups are only asked for NFS export, which NexFS does not offer.
-    supports_dot_lookup = False
+    # File handles (NFS export, open_by_handle_at): the kernel resolves a handle of an inode
+    # it no longer caches with LOOKUP(ino, ".") and reconnects directories with
+    # LOOKUP(ino, ".."); the generation in every reply tells a reused inode number apart.
+    supports_dot_lookup = True
 
     def __init__(self, fs: FileSystem, *, debug: bool = False,
                  fault: str | None = None) -> None:

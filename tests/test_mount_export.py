@@ -1,0 +1,307 @@
+"""File handles on a real mount: what an NFS server (the kernel's nfsd, or a user-space one
+using ``open_by_handle_at``) needs to re-export NexFS.
+
+A handle is (inode number, generation).  The kernel resolves a handle of an inode it still
+caches by itself; for one it has forgotten (memory pressure, a remount) it asks the daemon
+with LOOKUP(ino, ".") and, to reconnect a directory, LOOKUP(ino, ".."), and it compares the
+generation.  So the tests push inodes out of the kernel's cache (``drop_caches``, then wait
+for the daemon's FORGET in its debug log) and remount, and check that live files open to the
+right content and that deleted files, also ones whose inode number was reused, give ESTALE.
+
+The kernel NFS server itself cannot be tested here: this machine's kernel is built without
+nfsd (CONFIG_NFSD unset) and without module support (docs/MOUNT.md, "NFS export").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from fhandle import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    Handle,
+    name_to_handle,
+    open_by_handle,
+    renameat2,
+)
+from mountutil import (  # noqa: F401
+    Mount,
+    Mounter,
+    mounter_fixture,
+    needs_root,
+)
+
+pytestmark = [pytest.mark.mount, needs_root]
+
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def read_handle(mount_fd: int, handle: Handle) -> bytes:
+    fd = open_by_handle(mount_fd, handle)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
+def stale(mount_fd: int, handle: Handle) -> bool:
+    try:
+        os.close(open_by_handle(mount_fd, handle))
+    except OSError as exc:
+        assert exc.errno == errno.ESTALE, exc
+        return True
+    return False
+
+
+def forgotten(m: Mount, inos: set[int], timeout: float = 20) -> None:
+    """Drop the kernel's unused dentries and inodes until the daemon has logged a FORGET
+    for every inode in ``inos`` (FORGET has no reply, so this polls the debug log)."""
+    pending = set(inos)
+    deadline = time.monotonic() + timeout
+    while True:
+        DROP_CACHES.write_text("2\n")
+        for batch in re.findall(r"forget\(\[([^\]]*)\]", m.log_text()):
+            pending -= {int(n) for n in re.findall(r"\((\d+), \d+\)", batch)}
+        if not pending:
+            return
+        assert time.monotonic() < deadline, f"the kernel did not forget inodes {pending}"
+        time.sleep(0.05)
+
+
+def asked_for_dot(m: Mount, ino: int) -> bool:
+    return re.search(rf"lookup\({ino}, b'\.',", m.log_text()) is not None
+
+
+def test_handles_of_cached_inodes(mounter: Mounter) -> None:
+    """The easy case: the kernel still has the inode (file, directory, hard link)."""
+    m = mounter.mount()
+    mnt = m.mountpoint
+    (mnt / "d").mkdir()
+    (mnt / "d" / "f").write_bytes(b"file content")
+    os.link(mnt / "d" / "f", mnt / "hard")
+    mount_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for path in (mnt / "d" / "f", mnt / "hard"):
+            assert read_handle(mount_fd, name_to_handle(path)) == b"file content"
+        fd = open_by_handle(mount_fd, name_to_handle(mnt / "d"), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert os.fstat(fd).st_ino == (mnt / "d").stat().st_ino
+        finally:
+            os.close(fd)
+    finally:
+        os.close(mount_fd)
+
+
+def test_handles_after_the_kernel_forgot_the_inodes(mounter: Mounter) -> None:
+    """Handles of files and of a nested directory open again after their inodes left the
+    kernel's cache; the directory is reconnected to its path (LOOKUP "..")."""
+    m = mounter.mount(args=["--debug"])
+    mnt = m.mountpoint
+    (mnt / "a" / "b").mkdir(parents=True)
+    (mnt / "a" / "b" / "f").write_bytes(b"deep file")
+    (mnt / "top").write_bytes(b"top file")
+    paths = [mnt / "a" / "b" / "f", mnt / "top", mnt / "a" / "b", mnt / "a"]
+    handles = [name_to_handle(p) for p in paths]
+    inos = {p.stat().st_ino for p in paths}
+    forgotten(m, inos)
+    mount_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert read_handle(mount_fd, handles[0]) == b"deep file"
+        assert read_handle(mount_fd, handles[1]) == b"top file"
+        fd = open_by_handle(mount_fd, handles[2], os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert os.readlink(f"/proc/self/fd/{fd}") == str(mnt / "a" / "b")
+            assert os.listdir(fd) == ["f"]
+        finally:
+            os.close(fd)
+    finally:
+        os.close(mount_fd)
+    # The daemon really was asked: the kernel did not still have the inodes.
+    assert asked_for_dot(m, (mnt / "top").stat().st_ino)
+
+
+def test_handles_survive_a_remount_and_deleted_files_are_stale(mounter: Mounter) -> None:
+    """A handle taken on one mount opens on the next one; a deleted file's handle gives
+    ESTALE, also when its inode number now belongs to a new file."""
+    image = mounter.image()
+    m = mounter.mount(image)
+    mnt = m.mountpoint
+    (mnt / "keep").write_bytes(b"kept")
+    (mnt / "dir").mkdir()
+    (mnt / "dir" / "inner").write_bytes(b"inner")
+    (mnt / "gone").write_bytes(b"gone")
+    keep, inner, gone = (name_to_handle(mnt / n) for n in ("keep", "dir/inner", "gone"))
+    gone_ino = (mnt / "gone").stat().st_ino
+    (mnt / "gone").unlink()
+    assert m.unmount() == 0
+
+    m2 = mounter.mount(image, args=["--debug"])
+    mnt = m2.mountpoint
+    mount_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert read_handle(mount_fd, keep) == b"kept"
+        assert read_handle(mount_fd, inner) == b"inner"
+        assert stale(mount_fd, gone)
+        # Reuse the inode number: the old handle must not open the new file.
+        for i in range(50):
+            (mnt / f"new{i}").write_bytes(b"new")
+            if (mnt / f"new{i}").stat().st_ino == gone_ino:
+                break
+        else:
+            pytest.fail(f"inode {gone_ino} was not reused")
+        assert stale(mount_fd, gone)
+        assert read_handle(mount_fd, name_to_handle(mnt / f"new{i}")) == b"new"
+    finally:
+        os.close(mount_fd)
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("NEXFS_EXPORT_SEEDS", "2"))))
+def test_handle_explorer(mounter: Mounter, seed: int) -> None:
+    """Random creates, hard links, renames, unlinks, inode-number reuse, cache drops and a
+    remount; after each step every handle ever taken must either open the file with the
+    content it had (while the inode has a name) or give ESTALE (once it has none)."""
+    rng = random.Random(seed)
+    image = mounter.image()
+    m = mounter.mount(image)
+    names: dict[str, int] = {}  # path name -> file id
+    content: dict[int, bytes] = {}  # file id -> content (live files)
+    handles: list[tuple[Handle, int]] = []
+    next_id = 0
+    mount_fd = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+
+    def check() -> None:
+        live = set(names.values())
+        for handle, fid in handles:
+            if fid in live:
+                assert read_handle(mount_fd, handle) == content[fid], (seed, fid)
+            else:
+                assert stale(mount_fd, handle), (seed, fid)
+
+    try:
+        steps = int(os.environ.get("NEXFS_EXPORT_STEPS", "60"))
+        for step in range(steps):
+            mnt = m.mountpoint
+            op = rng.choice(["create", "create", "link", "rename", "unlink", "unlink",
+                             "drop"])
+            if op == "create" or not names:
+                name = f"f{rng.randrange(12)}"
+                if name in names:
+                    continue
+                next_id += 1
+                data = f"file {next_id} seed {seed}".encode()
+                (mnt / name).write_bytes(data)
+                names[name] = next_id
+                content[next_id] = data
+                handles.append((name_to_handle(mnt / name), next_id))
+            elif op == "link":
+                src = rng.choice(sorted(names))
+                dst = f"f{rng.randrange(12)}"
+                if dst in names:
+                    continue
+                os.link(mnt / src, mnt / dst)
+                names[dst] = names[src]
+                handles.append((name_to_handle(mnt / dst), names[dst]))
+            elif op == "rename":
+                src = rng.choice(sorted(names))
+                dst = f"f{rng.randrange(12)}"
+                os.rename(mnt / src, mnt / dst)
+                if dst != src:
+                    names[dst] = names.pop(src)
+            elif op == "unlink":
+                (mnt / (name := rng.choice(sorted(names)))).unlink()
+                del names[name]
+            else:
+                DROP_CACHES.write_text("2\n")
+            if step == steps // 2:
+                os.close(mount_fd)
+                assert m.unmount() == 0
+                m = mounter.mount(image)
+                mount_fd = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+            check()
+        assert any(not stale(mount_fd, h) for h, _ in handles)
+    finally:
+        os.close(mount_fd)
+
+
+def test_root_handle(mounter: Mounter) -> None:
+    m = mounter.mount()
+    mount_fd = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = open_by_handle(mount_fd, name_to_handle(m.mountpoint), os.O_RDONLY)
+        try:
+            assert stat.S_ISDIR(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(mount_fd)
+
+
+# -- whiteouts and overlayfs ------------------------------------------------------------------
+
+
+def test_rename_whiteout_on_the_mount(mounter: Mounter) -> None:
+    """renameat2(RENAME_WHITEOUT): the target has the old file, the source name is a 0/0
+    character device; NOREPLACE and EXCHANGE keep working beside it."""
+    m = mounter.mount()
+    mnt = m.mountpoint
+    (mnt / "f").write_bytes(b"old file")
+    (mnt / "other").write_bytes(b"other")
+    ino = (mnt / "f").stat().st_ino
+    renameat2(mnt / "f", mnt / "g", RENAME_WHITEOUT)
+    st = (mnt / "f").lstat()
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 and st.st_ino != ino
+    assert (mnt / "g").read_bytes() == b"old file" and (mnt / "g").stat().st_ino == ino
+    with pytest.raises(OSError) as ei:
+        renameat2(mnt / "other", mnt / "g", RENAME_WHITEOUT | RENAME_NOREPLACE)
+    assert ei.value.errno == errno.EEXIST
+    with pytest.raises(OSError) as ei:
+        renameat2(mnt / "other", mnt / "g", RENAME_WHITEOUT | RENAME_EXCHANGE)
+    assert ei.value.errno == errno.EINVAL
+    renameat2(mnt / "other", mnt / "g", RENAME_EXCHANGE)
+    assert (mnt / "g").read_bytes() == b"other"
+    assert sorted(os.listdir(mnt)) == ["f", "g", "lost+found", "other"]
+
+
+def test_overlayfs_with_a_nexfs_upper_dir(mounter: Mounter, tmp_path: Path) -> None:
+    """overlayfs on top of NexFS: deleting a lower file leaves a whiteout in the upper dir,
+    renaming one copies it up (trusted.overlay.* xattrs, RENAME_WHITEOUT)."""
+    m = mounter.mount()
+    mnt = m.mountpoint
+    lower = tmp_path / "lower"
+    (lower / "dir").mkdir(parents=True)
+    (lower / "doomed").write_text("lower doomed\n")
+    (lower / "moved").write_text("lower moved\n")
+    (lower / "dir" / "inner").write_text("inner\n")
+    for sub in ("upper", "work"):
+        (mnt / sub).mkdir()
+    merged = mounter.mountpoint()
+    result = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir={lower},upperdir={mnt / 'upper'},workdir={mnt / 'work'}", str(merged)],
+        capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    try:
+        (merged / "doomed").unlink()
+        os.rename(merged / "moved", merged / "renamed")
+        shutil.rmtree(merged / "dir")
+        (merged / "new").write_text("new\n")
+        assert sorted(os.listdir(merged)) == ["new", "renamed"]
+        assert (merged / "renamed").read_text() == "lower moved\n"
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+    upper = mnt / "upper"
+    for name in ("doomed", "moved", "dir"):
+        st = (upper / name).lstat()
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, name
+    assert (upper / "renamed").read_text() == "lower moved\n"
+    assert (upper / "new").read_text() == "new\n"
