@@ -126,7 +126,9 @@ class FuseAdapter(pyfuse3.Operations):
     # The kernel keeps written pages and writes them back in large chunks; it also keeps
     # size and mtime itself.  This is what makes small writes cheap.
     enable_writeback_cache = True
-    # ACLs are not supported; without FUSE_CAP_POSIX_ACL the kernel applies the umask itself.
+    # POSIX ACLs (the acl mount option, set per instance from fs.acl): with FUSE_CAP_POSIX_ACL
+    # the kernel enforces them itself (reading system.posix_acl_access through getxattr) and
+    # leaves the umask to the core, which skips it under a default ACL (nexfs/acl.py).
     enable_acl = False
     # File handles (NFS export, open_by_handle_at): the kernel resolves a handle of an inode
     # it no longer caches with LOOKUP(ino, ".") and reconnects directories with
@@ -137,6 +139,7 @@ class FuseAdapter(pyfuse3.Operations):
                  fault: str | None = None) -> None:
         super().__init__()
         self.fs = fs
+        self.enable_acl = fs.acl
         self.debug = debug
         self.fault = _parse_fault(fault)
         if self.fault is not None:
