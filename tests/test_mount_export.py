@@ -305,3 +305,108 @@ def test_overlayfs_with_a_nexfs_upper_dir(mounter: Mounter, tmp_path: Path) -> N
         assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, name
     assert (upper / "renamed").read_text() == "lower moved\n"
     assert (upper / "new").read_text() == "new\n"
+
+
+# -- NFS re-export ----------------------------------------------------------------------------
+
+
+GANESHA_CONF = """\
+NFS_CORE_PARAM {{
+    NFS_Port = {port};
+    Protocols = 4;
+    Enable_UDP = false;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+    Bind_addr = 127.0.0.1;
+}}
+NFSV4 {{
+    Graceless = true;
+    RecoveryRoot = {tmp}/recovery;
+}}
+EXPORT {{
+    Export_Id = 1;
+    Path = {export};
+    Pseudo = /nexfs;
+    Access_Type = RW;
+    Squash = No_Root_Squash;
+    Protocols = 4;
+    Transports = TCP;
+    SecType = sys;
+    FSAL {{ Name = VFS; }}
+}}
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_nfs_reexport_through_ganesha(mounter: Mounter, tmp_path: Path) -> None:
+    """NexFS re-exported over NFSv4 by nfs-ganesha, whose VFS backend identifies every file
+    by its handle (name_to_handle_at) and opens it with open_by_handle_at; the client is
+    libnfs's command-line tools (this kernel has neither nfsd nor an NFS client).  The server
+    is restarted once after the kernel forgot the inodes.  (A smoke test of the whole path:
+    it resolves names afresh after the restart, so the handle rules themselves are proved by
+    the open_by_handle_at tests above.)"""
+    if shutil.which("ganesha.nfsd") is None or shutil.which("nfs-cat") is None:
+        missing = "needs nfs-ganesha, nfs-ganesha-vfs and libnfs-utils (Makefile DEB_PKGS)"
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    m = mounter.mount(args=["--debug"])
+    mnt = m.mountpoint
+    (mnt / "dir").mkdir()
+    (mnt / "dir" / "before").write_bytes(b"written before the export\n")
+    port = free_port()
+    conf = tmp_path / "ganesha.conf"
+    (tmp_path / "recovery").mkdir()
+    conf.write_text(GANESHA_CONF.format(port=port, tmp=tmp_path, export=mnt))
+    log = tmp_path / "ganesha.log"
+    url = f"nfs://127.0.0.1/nexfs/{{}}?version=4&nfsport={port}"
+
+    def nfs(*cmd: str) -> str:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, (cmd, result.stdout, result.stderr,
+                                        log.read_text(errors="replace")[-3000:])
+        return result.stdout
+
+    def serve() -> subprocess.Popen[bytes]:
+        log.unlink(missing_ok=True)
+        server = subprocess.Popen(
+            ["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(log), "-p",
+             str(tmp_path / "ganesha.pid"), "-N", "NIV_EVENT"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while "NFS SERVER INITIALIZED" not in (log.read_text() if log.exists() else ""):
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "ganesha did not start"
+            time.sleep(0.1)
+        return server
+
+    server = serve()
+    try:
+        assert nfs("nfs-cat", url.format("dir/before")) == "written before the export\n"
+        src = tmp_path / "src"
+        src.write_text("written over NFS\n")
+        nfs("nfs-cp", str(src), url.format("dir/over-nfs"))
+        assert (mnt / "dir" / "over-nfs").read_text() == "written over NFS\n"
+        nfs("nfs-cp", url.format("dir/before"), str(tmp_path / "fetched"))
+        assert (tmp_path / "fetched").read_text() == "written before the export\n"
+    finally:
+        server.terminate()
+        server.wait(30)
+    # The server holds files open while it runs; once it is gone the kernel may forget.
+    forgotten(m, {(mnt / "dir" / n).stat().st_ino for n in ("before", "over-nfs")})
+    server = serve()
+    try:
+        assert nfs("nfs-cat", url.format("dir/over-nfs")) == "written over NFS\n"
+        listing = nfs("nfs-ls", url.format("dir"))
+        assert "before" in listing and "over-nfs" in listing
+    finally:
+        server.terminate()
+        server.wait(30)
