@@ -890,8 +890,8 @@ class FileSystem:
             mode = changes.mode & 0o7777
             if ctx.uid != 0 and not ctx.in_group(inode.gid) and not inode.is_dir:
                 mode &= ~stat.S_ISGID
+            self._chmod_acl(inode, mode)  # first: it may fail (ENOSPC) with nothing changed
             inode.mode = stat.S_IFMT(inode.mode) | mode
-            self._chmod_acl(inode)
         if changes.uid is not None or changes.gid is not None:
             if (changes.uid is not None and changes.uid != inode.uid) or (
                 changes.gid is not None and changes.gid != inode.gid
@@ -1150,12 +1150,12 @@ class FileSystem:
         inode.ctime_ns = _now()
         self._dirty(inode)
 
-    def _chmod_acl(self, inode: Inode) -> None:
-        """After a chmod: the access ACL's owner, mask and other entries follow the mode."""
+    def _chmod_acl(self, inode: Inode, mode: int) -> None:
+        """On chmod: the access ACL's owner, mask and other entries follow the new mode."""
         acl = self._access_acl(inode)
         if not acl:
             return
-        acl = acls.chmod(acl, inode.mode)
+        acl = acls.chmod(acl, mode)
         value = acls.encode(acl)
         xattrs = self._xattrs(inode)
         self.store.reserve_more(xattrs.worst_case_new_blocks(len(value)))
