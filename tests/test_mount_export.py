@@ -167,34 +167,50 @@ def test_handles_survive_a_remount_and_deleted_files_are_stale(mounter: Mounter)
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("NEXFS_EXPORT_SEEDS", "2"))))
 def test_handle_explorer(mounter: Mounter, seed: int) -> None:
-    """Random creates, hard links, renames, unlinks, inode-number reuse, cache drops and a
-    remount; after each step every handle ever taken must either open the file with the
-    content it had (while the inode has a name) or give ESTALE (once it has none)."""
+    """Random creates, hard links, renames (also across directories), unlinks, mkdir/rmdir,
+    inode-number reuse, cache drops and a remount; after each step every handle ever taken
+    must either open the file with its content or the directory at its current path (while
+    the inode has a name), or give ESTALE (once it has none)."""
     rng = random.Random(seed)
     image = mounter.image()
     m = mounter.mount(image)
-    names: dict[str, int] = {}  # path name -> file id
-    content: dict[int, bytes] = {}  # file id -> content (live files)
+    parents = ["", "a/", "b/"]
+    for p in parents[1:]:
+        (m.mountpoint / p).mkdir()
+    names: dict[str, int] = {}  # file path -> file id
+    dirs: dict[str, int] = {}  # directory path -> directory id
+    content: dict[int, bytes] = {}  # file id -> content
     handles: list[tuple[Handle, int]] = []
     next_id = 0
     mount_fd = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
 
     def check() -> None:
+        where = {v: k for k, v in dirs.items()}
         live = set(names.values())
-        for handle, fid in handles:
-            if fid in live:
-                assert read_handle(mount_fd, handle) == content[fid], (seed, fid)
+        for handle, oid in handles:
+            if oid in where:
+                fd = open_by_handle(mount_fd, handle, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    path = os.readlink(f"/proc/self/fd/{fd}")
+                finally:
+                    os.close(fd)
+                assert path == str(m.mountpoint / where[oid]), (seed, oid)
+            elif oid in live:
+                assert read_handle(mount_fd, handle) == content[oid], (seed, oid)
             else:
-                assert stale(mount_fd, handle), (seed, fid)
+                assert stale(mount_fd, handle), (seed, oid)
+
+    def new_name(prefix: str) -> str:
+        return f"{rng.choice(parents)}{prefix}{rng.randrange(8)}"
 
     try:
-        steps = int(os.environ.get("NEXFS_EXPORT_STEPS", "60"))
+        steps = int(os.environ.get("NEXFS_EXPORT_STEPS", "80"))
         for step in range(steps):
             mnt = m.mountpoint
             op = rng.choice(["create", "create", "link", "rename", "unlink", "unlink",
-                             "drop"])
-            if op == "create" or not names:
-                name = f"f{rng.randrange(12)}"
+                             "mkdir", "mvdir", "rmdir", "drop"])
+            if op == "create" or (not names and op in ("link", "rename", "unlink")):
+                name = new_name("f")
                 if name in names:
                     continue
                 next_id += 1
@@ -204,22 +220,39 @@ def test_handle_explorer(mounter: Mounter, seed: int) -> None:
                 content[next_id] = data
                 handles.append((name_to_handle(mnt / name), next_id))
             elif op == "link":
-                src = rng.choice(sorted(names))
-                dst = f"f{rng.randrange(12)}"
+                src, dst = rng.choice(sorted(names)), new_name("f")
                 if dst in names:
                     continue
                 os.link(mnt / src, mnt / dst)
                 names[dst] = names[src]
                 handles.append((name_to_handle(mnt / dst), names[dst]))
             elif op == "rename":
-                src = rng.choice(sorted(names))
-                dst = f"f{rng.randrange(12)}"
+                src, dst = rng.choice(sorted(names)), new_name("f")
                 os.rename(mnt / src, mnt / dst)
-                if dst != src:
+                if names.get(dst) != names[src]:  # two links of one file: nothing happens
                     names[dst] = names.pop(src)
             elif op == "unlink":
                 (mnt / (name := rng.choice(sorted(names)))).unlink()
                 del names[name]
+            elif op == "mkdir":
+                name = new_name("d")
+                if name in dirs:
+                    continue
+                next_id += 1
+                (mnt / name).mkdir()
+                dirs[name] = next_id
+                handles.append((name_to_handle(mnt / name), next_id))
+            elif op in ("mvdir", "rmdir") and dirs:
+                name = rng.choice(sorted(dirs))
+                if op == "rmdir":
+                    (mnt / name).rmdir()
+                    del dirs[name]
+                else:
+                    dst = new_name("d")
+                    if dst in dirs and dst != name:
+                        continue
+                    os.rename(mnt / name, mnt / dst)
+                    dirs[dst] = dirs.pop(name)
             else:
                 DROP_CACHES.write_text("2\n")
             if step == steps // 2:
