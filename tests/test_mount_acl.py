@@ -25,6 +25,11 @@ from mountutil import (  # noqa: F401
 
 pytestmark = [pytest.mark.mount, needs_root]
 
+LONG = os.environ.get("NEXFS_LONG") == "1"
+"""``NEXFS_LONG=1``: the explorer runs more seeds and longer sequences."""
+SEEDS = int(os.environ.get("NEXFS_ACL_SEEDS", "30" if LONG else "4"))
+STEPS = int(os.environ.get("NEXFS_ACL_STEPS", "150" if LONG else "60"))
+
 
 def test_setfacl_getfacl_and_enforcement(mounter: Mounter) -> None:
     """Access ACLs are enforced by the kernel for another user; chmod moves the mask; a
@@ -140,13 +145,13 @@ def snapshot(root: Path) -> str:
 
 
 @pytest.mark.parametrize("user", ["root", "nobody"])
-@pytest.mark.parametrize("seed", range(int(os.environ.get("NEXFS_ACL_SEEDS", "3"))))
+@pytest.mark.parametrize("seed", range(SEEDS))
 def test_acl_explorer_against_ext4(mounter: Mounter, ext4_dir: Path, seed: int,
                                    user: str) -> None:
     """The same random script on ext4 and NexFS, run by root or by an ordinary user (who
     owns what they create, is not in the groups the ACLs name, and loses set-group-ID)."""
     m = mounter.mount(options=["allow_other"])
-    script = random_script(random.Random(seed), int(os.environ.get("NEXFS_ACL_STEPS", "40")))
+    script = random_script(random.Random(seed), STEPS)
     outputs = []
     for root in (ext4_dir, m.mountpoint):
         if user != "root":

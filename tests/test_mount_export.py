@@ -43,6 +43,11 @@ from mountutil import (  # noqa: F401
 
 pytestmark = [pytest.mark.mount, needs_root]
 
+LONG = os.environ.get("NEXFS_LONG") == "1"
+"""``NEXFS_LONG=1``: the explorer runs more seeds and longer sequences."""
+SEEDS = int(os.environ.get("NEXFS_EXPORT_SEEDS", "20" if LONG else "3"))
+STEPS = int(os.environ.get("NEXFS_EXPORT_STEPS", "200" if LONG else "80"))
+
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
@@ -165,7 +170,7 @@ def test_handles_survive_a_remount_and_deleted_files_are_stale(mounter: Mounter)
         os.close(mount_fd)
 
 
-@pytest.mark.parametrize("seed", range(int(os.environ.get("NEXFS_EXPORT_SEEDS", "2"))))
+@pytest.mark.parametrize("seed", range(SEEDS))
 def test_handle_explorer(mounter: Mounter, seed: int) -> None:
     """Random creates, hard links, renames (also across directories), unlinks, mkdir/rmdir,
     inode-number reuse, cache drops and a remount; after each step every handle ever taken
@@ -204,8 +209,7 @@ def test_handle_explorer(mounter: Mounter, seed: int) -> None:
         return f"{rng.choice(parents)}{prefix}{rng.randrange(8)}"
 
     try:
-        steps = int(os.environ.get("NEXFS_EXPORT_STEPS", "80"))
-        for step in range(steps):
+        for step in range(STEPS):
             mnt = m.mountpoint
             op = rng.choice(["create", "create", "link", "rename", "unlink", "unlink",
                              "mkdir", "mvdir", "rmdir", "drop"])
@@ -255,7 +259,7 @@ def test_handle_explorer(mounter: Mounter, seed: int) -> None:
                     dirs[dst] = dirs.pop(name)
             else:
                 DROP_CACHES.write_text("2\n")
-            if step == steps // 2:
+            if step == STEPS // 2:
                 os.close(mount_fd)
                 assert m.unmount() == 0
                 m = mounter.mount(image)
