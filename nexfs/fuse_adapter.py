@@ -218,9 +218,10 @@ class FuseAdapter(pyfuse3.Operations):
     def _ctx(self, ctx: pyfuse3.RequestContext, *, creating: bool = False) -> Ctx:
         """The core's view of the caller.
 
-        The umask: without FUSE_CAP_DONT_MASK (which libfuse only asks for together with
-        ACLs) the kernel has already applied it to the mode of create/mkdir/mknod, and the
-        core applies ``Ctx.umask`` again, so it is passed as 0 to apply it exactly once.
+        The umask: with ACLs off the kernel has already applied it to the mode of
+        create/mkdir/mknod, so it is passed as 0.  With ACLs on the mount asks for
+        FUSE_CAP_DONT_MASK (nexfs/fusecaps.py) and the core applies it, except under a
+        default ACL; should that request fail, applying it a second time changes nothing.
 
         Supplementary groups are only read (from /proc, ~20 us) for non-root callers: the
         core checks group permissions too, and root passes every check without them."""
