@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from . import acl as acls
 from . import perms
 from .attr import UTIME_NOW, Attr, Ctx, SetAttr, StatFs
 from .dirindex import DirIndex
@@ -47,6 +48,7 @@ SYMLINK_MAX = 4095
 LINK_MAX = 65000
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 _DAY_NS = 86400 * 1_000_000_000
 
@@ -110,11 +112,14 @@ def _reading(fn: Callable[..., T]) -> Callable[..., T]:
 class FileSystem:
     """A mounted NexFS volume (see the module docstring for the rules every method keeps)."""
 
-    def __init__(self, store: Store, *, atime: str = "relatime") -> None:
+    def __init__(self, store: Store, *, atime: str = "relatime", acl: bool = True) -> None:
         if atime not in ("relatime", "noatime", "strictatime"):
             raise ValueError(f"unknown atime mode {atime!r}")
         self.store = store
         self.atime = atime
+        # POSIX ACLs (nexfs/acl.py), the mount's acl/noacl option: off, the system.posix_acl_*
+        # names are refused and stored ones are neither listed nor enforced (as ext4 noacl).
+        self.acl = acl
         self.inodes = InodeCache(store)
         self._refs: dict[int, int] = {}
         self._error_at_open = store.error  # a volume opened read-only because marked ERROR
@@ -137,7 +142,8 @@ class FileSystem:
 
     @classmethod
     def open(cls, dev: Any, *, read_only: bool = False, cache_blocks: int | None = None,
-             data_cache_blocks: int | None = None, atime: str = "relatime") -> FileSystem:
+             data_cache_blocks: int | None = None, atime: str = "relatime",
+             acl: bool = True) -> FileSystem:
         """Open the volume on ``dev`` (replaying its journal if it was not unmounted
         cleanly) and finish any deletions a crash interrupted.  ``cache_blocks`` bounds the
         metadata cache, ``data_cache_blocks`` the data cache (0: none, small writes go
@@ -148,7 +154,7 @@ class FileSystem:
         if data_cache_blocks is not None:
             kwargs["data_cache_blocks"] = data_cache_blocks
         store = Store.open(dev, **kwargs)
-        fs = cls(store, atime=atime)
+        fs = cls(store, atime=atime, acl=acl)
         try:
             fs.inodes.get(ROOT_INO)
             if not fs.read_only:  # (a volume marked ERROR opens read-only)
@@ -267,6 +273,42 @@ class FileSystem:
         return XattrStore(self._owned(inode), InodeNo(inode.ino), inode.xattr_root,
                            self.store.sb.hash_key)
 
+    def _access_acl(self, inode: Inode) -> acls.Acl | None:
+        """The inode's access ACL for a permission check (cached on the inode object)."""
+        if not self.acl or not inode.xattr_root:
+            return None
+        if inode.acl is None:
+            inode.acl = self._stored_acl(inode, acls.ACCESS) or ()
+        return inode.acl or None
+
+    def _stored_acl(self, inode: Inode, name: bytes) -> acls.Acl | None:
+        if not inode.xattr_root:
+            return None
+        try:
+            value = self._xattrs(inode).get(name)
+        except FsError as exc:
+            if exc.errno == errno.ENODATA and not isinstance(exc, CorruptionError):
+                return None
+            raise
+        try:
+            return acls.decode(value)
+        except FsError as exc:
+            raise CorruptionError(0, f"inode {inode.ino}",
+                                  f"invalid {name.decode()}: {exc}") from None
+
+    def _default_acl(self, directory: Inode, mode: int) -> acls.Acl | None:
+        """The default ACL a new inode of ``mode`` in ``directory`` inherits (symlinks
+        inherit nothing)."""
+        if not self.acl or stat.S_ISLNK(mode):
+            return None
+        return self._stored_acl(directory, acls.DEFAULT)
+
+    def _umask(self, parent_ino: int, mode: int, ctx: Ctx) -> int:
+        """The umask for a new inode: none when a default ACL decides its permissions."""
+        if ctx.umask and self._default_acl(self._get_dir(parent_ino), mode) is not None:
+            return 0
+        return ctx.umask
+
     def _get_dir(self, ino: int) -> Inode:
         inode = self.inodes.get(ino)
         if not inode.is_dir:
@@ -328,7 +370,7 @@ class FileSystem:
         """Checks shared by every operation that adds a name: returns the parent."""
         _check_name(name)
         parent = self._get_dir(parent_ino)
-        perms.check(parent, perms.W_OK | perms.X_OK, ctx)
+        perms.check(parent, perms.W_OK | perms.X_OK, ctx, self._access_acl(parent))
         if parent.nlink == 0:
             raise FsError(errno.ENOENT)
         if name in (b".", b"..") or self._dir(parent).lookup(name) is not None:
@@ -349,10 +391,16 @@ class FileSystem:
             raise FsError(errno.EMLINK)
         parent = self._prepare_create(parent_ino, name, ctx, extra_blocks)
         try:
+            default = self._default_acl(parent, mode)
+            access: acls.Acl | None = None
+            if default is not None:
+                access, mode = acls.inherit(default, mode)
             uid, gid, mode = perms.initial_owner(parent, mode, ctx)
             now = _now()
             inode = self._new_inode(parent, mode, uid, gid, now)
             inode.rdev = rdev
+            if default is not None and access is not None:
+                self._inherit_acls(parent, inode, default, access)
             if inode.is_dir:
                 inode.nlink = 2
                 inode.parent = parent.ino
@@ -363,18 +411,48 @@ class FileSystem:
             self.store.release_reservation()
         return inode
 
+    def _inherit_acls(self, parent: Inode, inode: Inode, default: acls.Acl,
+                      access: acls.Acl) -> None:
+        """Give a new inode its share of the parent's default ACL: the access ACL (unless the
+        mode says it all) and, for a directory, the default ACL itself."""
+        values = []
+        if not acls.is_minimal(access):
+            values.append((acls.ACCESS, acls.encode(access)))
+        if inode.is_dir:
+            values.append((acls.DEFAULT, acls.encode(default)))
+        xattrs = self._xattrs(inode)
+        # The parent's tree holds the same values, so its worst case bounds the new one's.
+        self.store.reserve_more(sum(self._xattrs(parent).worst_case_new_blocks(len(v))
+                                    for _n, v in values))
+        for name, value in values:
+            xattrs.set(name, value)
+        inode.xattr_root = xattrs.root
+        inode.acl = access if not acls.is_minimal(access) else ()
+
     # -- namespace operations ---------------------------------------------------------------
 
     @_reading
     def lookup(self, parent: int, name: bytes, ctx: Ctx) -> Attr:
+        if name == b".":
+            return self._attr(self._handle_inode(parent))
         directory = self._get_dir(parent)
-        perms.check(directory, perms.X_OK, ctx)
+        perms.check(directory, perms.X_OK, ctx, self._access_acl(directory))
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
         inode = self._find(directory, name)
         if inode is None:
             raise FsError(errno.ENOENT)
         return self._attr(inode)
+
+    def _handle_inode(self, ino: int) -> Inode:
+        """The inode a file handle names (docs/DESIGN.md, "File handles"): the kernel asks for
+        "." of an inode number it no longer caches, of any type, with no name to check
+        permissions on.  ENOENT (the kernel answers ESTALE) once the inode has no name left:
+        a free number, or one a new file got, is told apart by the generation."""
+        inode = self.inodes.get(ino)
+        if inode.nlink == 0:
+            raise FsError(errno.ENOENT)
+        return inode
 
     @_reading
     def getattr(self, ino: int) -> Attr:
@@ -409,16 +487,17 @@ class FileSystem:
             raise FsError(errno.EPERM)
         if kind not in (stat.S_IFCHR, stat.S_IFBLK):
             rdev = 0
-        return self._attr(self._create_node(parent, name, mode & ~ctx.umask | kind, ctx, rdev))
+        umask = self._umask(parent, kind, ctx)
+        return self._attr(self._create_node(parent, name, mode & ~umask | kind, ctx, rdev))
 
     @_mutating
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
-        mode = stat.S_IFDIR | (mode & 0o7777 & ~ctx.umask)
+        mode = stat.S_IFDIR | (mode & 0o7777 & ~self._umask(parent, stat.S_IFDIR, ctx))
         return self._attr(self._create_node(parent, name, mode, ctx))
 
     @_mutating
     def create(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
-        mode = stat.S_IFREG | (mode & 0o7777 & ~ctx.umask)
+        mode = stat.S_IFREG | (mode & 0o7777 & ~self._umask(parent, stat.S_IFREG, ctx))
         return self._attr(self._create_node(parent, name, mode, ctx))
 
     @_mutating
@@ -499,7 +578,7 @@ class FileSystem:
     def _prepare_remove(self, parent: int, name: bytes, ctx: Ctx) -> tuple[Inode, Inode]:
         _check_name(name)
         directory = self._get_dir(parent)
-        perms.check(directory, perms.W_OK | perms.X_OK, ctx)
+        perms.check(directory, perms.W_OK | perms.X_OK, ctx, self._access_acl(directory))
         if name in (b".", b".."):
             raise FsError(errno.EINVAL if name == b"." else errno.ENOTEMPTY)
         inode = self._find(directory, name)
@@ -531,18 +610,20 @@ class FileSystem:
     @_mutating
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                flags: int, ctx: Ctx) -> None:
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
-            RENAME_NOREPLACE | RENAME_EXCHANGE
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
+            flags & RENAME_EXCHANGE and flags != RENAME_EXCHANGE
         ):
             raise FsError(errno.EINVAL)
+        if flags & RENAME_WHITEOUT and ctx.uid != 0:
+            raise FsError(errno.EPERM)  # a whiteout is a device node: CAP_MKNOD, as in the VFS
         _check_name(old_name)
         _check_name(new_name)
         src_dir = self._get_dir(old_parent)
         dst_dir = self._get_dir(new_parent)
         if old_name in (b".", b"..") or new_name in (b".", b".."):
             raise FsError(errno.EBUSY if flags != RENAME_EXCHANGE else errno.EINVAL)
-        perms.check(src_dir, perms.W_OK | perms.X_OK, ctx)
-        perms.check(dst_dir, perms.W_OK | perms.X_OK, ctx)
+        perms.check(src_dir, perms.W_OK | perms.X_OK, ctx, self._access_acl(src_dir))
+        perms.check(dst_dir, perms.W_OK | perms.X_OK, ctx, self._access_acl(dst_dir))
         src = self._find(src_dir, old_name)
         if src is None:
             raise FsError(errno.ENOENT)
@@ -573,11 +654,13 @@ class FileSystem:
                 raise FsError(errno.EBUSY)
             self._check_not_ancestor(src, dst_dir)
             if moving_dir:
-                perms.check(src, perms.W_OK, ctx)  # its ".." changes
+                perms.check(src, perms.W_OK, ctx, self._access_acl(src))  # its ".." changes
                 if dst is None and dst_dir.nlink >= LINK_MAX:
                     raise FsError(errno.EMLINK)
         index_dst = self._dir(dst_dir)
-        self.store.reserve(0 if dst is not None else index_dst.worst_case_new_blocks())
+        whiteout = bool(flags & RENAME_WHITEOUT)
+        self.store.reserve(0 if dst is not None else index_dst.worst_case_new_blocks(),
+                           ninodes=int(whiteout))
         try:
             now = _now()
             index_src = self._dir(src_dir)
@@ -588,7 +671,14 @@ class FileSystem:
             self._dir_changed(dst_dir, index_dst)
             if src_dir.ino == dst_dir.ino:
                 index_src = index_dst
-            index_src.remove(old_name)
+            if whiteout:
+                # overlayfs: the old name becomes a whiteout (a 0/0 character device) in the
+                # same operation, so no one ever sees the lower file through the gap.
+                uid, gid, mode = perms.initial_owner(src_dir, stat.S_IFCHR, ctx)
+                wh = self._new_inode(src_dir, mode, uid, gid, now)
+                index_src.replace(old_name, wh.ino, _dtype(wh.mode))
+            else:
+                index_src.remove(old_name)
             self._dir_changed(src_dir, index_src)
             self._touch_dir(src_dir, now)
             self._touch_dir(dst_dir, now)
@@ -618,10 +708,10 @@ class FileSystem:
         if src_dir.ino != dst_dir.ino:
             if src.is_dir:
                 self._check_not_ancestor(src, dst_dir)
-                perms.check(src, perms.W_OK, ctx)
+                perms.check(src, perms.W_OK, ctx, self._access_acl(src))
             if dst.is_dir:
                 self._check_not_ancestor(dst, src_dir)
-                perms.check(dst, perms.W_OK, ctx)
+                perms.check(dst, perms.W_OK, ctx, self._access_acl(dst))
             if src.is_dir != dst.is_dir:
                 gaining = dst_dir if src.is_dir else src_dir
                 if gaining.nlink >= LINK_MAX:
@@ -774,7 +864,8 @@ class FileSystem:
             if value is None:
                 continue
             if value == UTIME_NOW:
-                if not perms.is_owner(inode, ctx) and not perms.may(inode, perms.W_OK, ctx):
+                if not perms.is_owner(inode, ctx) and not perms.may(
+                        inode, perms.W_OK, ctx, self._access_acl(inode)):
                     raise FsError(errno.EACCES)
             elif not perms.is_owner(inode, ctx):
                 raise FsError(errno.EPERM)
@@ -783,7 +874,7 @@ class FileSystem:
                 raise FsError(errno.EISDIR)
             if not inode.is_reg:
                 raise FsError(errno.EINVAL)
-            perms.check(inode, perms.W_OK, ctx)
+            perms.check(inode, perms.W_OK, ctx, self._access_acl(inode))
         if changes.size is not None and changes.size > inode.size:
             pass  # growing needs no space: the new range is a hole
         if changes.size is not None:
@@ -799,6 +890,7 @@ class FileSystem:
             mode = changes.mode & 0o7777
             if ctx.uid != 0 and not ctx.in_group(inode.gid) and not inode.is_dir:
                 mode &= ~stat.S_ISGID
+            self._chmod_acl(inode, mode)  # first: it may fail (ENOSPC) with nothing changed
             inode.mode = stat.S_IFMT(inode.mode) | mode
         if changes.uid is not None or changes.gid is not None:
             if (changes.uid is not None and changes.uid != inode.uid) or (
@@ -822,7 +914,7 @@ class FileSystem:
         inode = self.inodes.get(ino)
         if mask & perms.W_OK and self.read_only and (inode.is_reg or inode.is_dir):
             raise FsError(errno.EROFS)
-        perms.check(inode, mask & 7, ctx)
+        perms.check(inode, mask & 7, ctx, self._access_acl(inode))
 
     # -- file contents ----------------------------------------------------------------------
 
@@ -836,7 +928,7 @@ class FileSystem:
             raise FsError(errno.EROFS)
         mask = {os.O_RDONLY: perms.R_OK, os.O_WRONLY: perms.W_OK}.get(
             accmode, perms.R_OK | perms.W_OK)
-        perms.check(inode, mask, ctx)
+        perms.check(inode, mask, ctx, self._access_acl(inode))
         if flags & os.O_TRUNC and inode.is_reg and inode.size:
             self.setattr(ino, SetAttr(size=0), ctx)
 
@@ -937,24 +1029,25 @@ class FileSystem:
 
     # -- extended attributes ----------------------------------------------------------------
 
-    @staticmethod
-    def _check_xattr_name(name: bytes) -> None:
+    def _check_xattr_name(self, name: bytes) -> None:
         if not name:
             raise FsError(errno.EINVAL)
         if len(name) > NAME_MAX:
             raise FsError(errno.ERANGE)
-        if not name.startswith(XATTR_NAMESPACES):
+        if not name.startswith(XATTR_NAMESPACES) and not (self.acl and name in acls.NAMES):
             raise FsError(errno.EOPNOTSUPP)
 
     def _check_xattr_write(self, inode: Inode, name: bytes, ctx: Ctx) -> None:
-        if name.startswith(b"trusted.") and ctx.uid != 0:
+        if name in acls.NAMES:
+            self._check_acl_write(inode, name, ctx)
+        elif name.startswith(b"trusted.") and ctx.uid != 0:
             raise FsError(errno.EPERM)
         if name.startswith(b"user."):
             if not (inode.is_reg or inode.is_dir):
                 raise FsError(errno.EPERM)
             if inode.is_dir and inode.mode & stat.S_ISVTX and not perms.is_owner(inode, ctx):
                 raise FsError(errno.EPERM)
-            perms.check(inode, perms.W_OK, ctx)
+            perms.check(inode, perms.W_OK, ctx, self._access_acl(inode))
         elif not perms.is_owner(inode, ctx) and name.startswith(b"security."):
             raise FsError(errno.EPERM)
 
@@ -977,6 +1070,8 @@ class FileSystem:
         names = self._xattrs(inode).list()
         if ctx is not None and ctx.uid != 0:
             names = [n for n in names if not n.startswith(b"trusted.")]
+        if not self.acl:
+            names = [n for n in names if n not in acls.NAMES]
         return names
 
     @_mutating
@@ -984,6 +1079,9 @@ class FileSystem:
         inode = self.inodes.get(ino)
         self._check_xattr_name(name)
         self._check_xattr_write(inode, name, ctx)
+        if name in acls.NAMES:
+            self._set_acl(inode, name, value, flags, ctx)
+            return
         xattrs = self._xattrs(inode)
         self.store.reserve(xattrs.worst_case_new_blocks(len(value)))
         try:
@@ -1005,4 +1103,65 @@ class FileSystem:
         xattrs.remove(name)
         inode.xattr_root = xattrs.root
         inode.ctime_ns = _now()
+        if name == acls.ACCESS:
+            inode.acl = ()  # the mode stays as it is, as on ext4
         self._dirty(inode)
+
+    # -- POSIX ACLs (nexfs/acl.py) -----------------------------------------------------------
+
+    def _check_acl_write(self, inode: Inode, name: bytes, ctx: Ctx) -> None:
+        if stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EOPNOTSUPP)
+        if not perms.is_owner(inode, ctx):
+            raise FsError(errno.EPERM)
+        if name == acls.DEFAULT and not inode.is_dir:
+            raise FsError(errno.EACCES)
+
+    def _set_acl(self, inode: Inode, name: bytes, value: bytes, flags: int, ctx: Ctx) -> None:
+        """setxattr of an ACL.  An access ACL also sets the mode (posix_acl_update_mode,
+        which FUSE leaves to the filesystem); one the mode can express is not stored; a
+        value without entries removes the ACL."""
+        acl = acls.decode(value)
+        exists = self._stored_acl(inode, name) is not None
+        if flags & 1 and exists:  # XATTR_CREATE
+            raise FsError(errno.EEXIST)
+        if flags & 2 and not exists:  # XATTR_REPLACE
+            raise FsError(errno.ENODATA)
+        store = acl is not None and (name == acls.DEFAULT or not acls.is_minimal(acl))
+        xattrs = self._xattrs(inode)
+        if store:
+            assert acl is not None
+            value = acls.encode(acl)
+            self.store.reserve(xattrs.worst_case_new_blocks(len(value)))
+            try:
+                xattrs.set(name, value)
+            finally:
+                self.store.release_reservation()
+        elif exists:
+            xattrs.remove(name)
+        inode.xattr_root = xattrs.root
+        if name == acls.ACCESS and acl is not None:
+            mode = (inode.mode & ~0o777) | acls.mode_bits(acl)
+            if ctx.uid != 0 and not ctx.in_group(inode.gid):
+                mode &= ~stat.S_ISGID
+            inode.mode = mode
+        if name == acls.ACCESS:
+            inode.acl = acl if store else ()
+        inode.ctime_ns = _now()
+        self._dirty(inode)
+
+    def _chmod_acl(self, inode: Inode, mode: int) -> None:
+        """On chmod: the access ACL's owner, mask and other entries follow the new mode."""
+        acl = self._access_acl(inode)
+        if not acl:
+            return
+        acl = acls.chmod(acl, mode)
+        value = acls.encode(acl)
+        xattrs = self._xattrs(inode)
+        self.store.reserve_more(xattrs.worst_case_new_blocks(len(value)))
+        try:
+            xattrs.set(acls.ACCESS, value)
+        finally:
+            self.store.release_reservation()
+        inode.xattr_root = xattrs.root
+        inode.acl = acl

@@ -126,15 +126,20 @@ class FuseAdapter(pyfuse3.Operations):
     # The kernel keeps written pages and writes them back in large chunks; it also keeps
     # size and mtime itself.  This is what makes small writes cheap.
     enable_writeback_cache = True
-    # ACLs are not supported; without FUSE_CAP_POSIX_ACL the kernel applies the umask itself.
+    # POSIX ACLs (the acl mount option, set per instance from fs.acl): with FUSE_CAP_POSIX_ACL
+    # the kernel enforces them itself (reading system.posix_acl_access through getxattr) and
+    # leaves the umask to the core, which skips it under a default ACL (nexfs/acl.py).
     enable_acl = False
-    # "." and ".." lookups are only asked for NFS export, which NexFS does not offer.
-    supports_dot_lookup = False
+    # File handles (NFS export, open_by_handle_at): the kernel resolves a handle of an inode
+    # it no longer caches with LOOKUP(ino, ".") and reconnects directories with
+    # LOOKUP(ino, ".."); the generation in every reply tells a reused inode number apart.
+    supports_dot_lookup = True
 
     def __init__(self, fs: FileSystem, *, debug: bool = False,
                  fault: str | None = None) -> None:
         super().__init__()
         self.fs = fs
+        self.enable_acl = fs.acl
         self.debug = debug
         self.fault = _parse_fault(fault)
         if self.fault is not None:
@@ -213,9 +218,10 @@ class FuseAdapter(pyfuse3.Operations):
     def _ctx(self, ctx: pyfuse3.RequestContext, *, creating: bool = False) -> Ctx:
         """The core's view of the caller.
 
-        The umask: without FUSE_CAP_DONT_MASK (which libfuse only asks for together with
-        ACLs) the kernel has already applied it to the mode of create/mkdir/mknod, and the
-        core applies ``Ctx.umask`` again, so it is passed as 0 to apply it exactly once.
+        The umask: with ACLs off the kernel has already applied it to the mode of
+        create/mkdir/mknod, so it is passed as 0.  With ACLs on the mount asks for
+        FUSE_CAP_DONT_MASK (nexfs/fusecaps.py) and the core applies it, except under a
+        default ACL; should that request fail, applying it a second time changes nothing.
 
         Supplementary groups are only read (from /proc, ~20 us) for non-root callers: the
         core checks group permissions too, and root passes every check without them."""

@@ -75,6 +75,7 @@ mount options (-o, comma-separated):
   data_cache=SIZE    the daemon's file data cache (small writes are acknowledged from it
                      and written at the next commit), e.g. 64M (default 64M; 0: none)
   commit=SECONDS     commit the running transaction this often (default 5)
+  acl, noacl         POSIX access control lists (setfacl/getfacl) on or off (default acl)
   dev, nodev, suid, nosuid, exec, noexec, sync, async, dirsync
                      passed to the kernel as mount flags
   rw, defaults, auto, noauto, user, nofail, _netdev, x-*, comment=...
@@ -109,6 +110,7 @@ class MountConfig:
     cache_blocks: int | None = None
     data_cache_blocks: int | None = None
     commit_interval: float | None = None
+    acl: bool = True
     kernel_options: list[str] = field(default_factory=list)
     log_file: str | None = None
     default_mode: bool = False
@@ -134,6 +136,8 @@ def parse_options(texts: list[str], config: MountConfig) -> None:
                 config.atime = ATIME_OPTIONS[option]
             elif option == "debug":
                 config.debug = True
+            elif option in ("acl", "noacl"):
+                config.acl = option == "acl"
             elif name in ("cache_size", "data_cache"):
                 try:
                     size = parse_size(value)
@@ -406,7 +410,8 @@ def open_volume(config: MountConfig) -> tuple[Any, Any]:
                             config.read_only)
         fs = FileSystem.open(cap, read_only=config.read_only,
                              cache_blocks=config.cache_blocks,
-                             data_cache_blocks=config.data_cache_blocks, atime=config.atime)
+                             data_cache_blocks=config.data_cache_blocks, atime=config.atime,
+                             acl=config.acl)
     except NotNexfsError:
         valve.close()
         raise MountError(f"{config.image} is not a NexFS volume (mkfs.nexfs makes one)") from None
@@ -480,6 +485,11 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
             except RuntimeError:
                 raise MountError(f"could not mount on {config.mountpoint} "
                                  "(the kernel or fusermount3 refused; see above)") from None
+            if config.acl:
+                # The umask is the core's to apply under a default ACL (nexfs/fusecaps.py).
+                from .fusecaps import request_dont_mask
+
+                request_dont_mask()
             log.info("mounted %s on %s%s", config.image, config.mountpoint,
                      " (read-only)" if fs.read_only else "")
             ready(note)

@@ -1,5 +1,5 @@
-"""POSIX permission rules, as Linux applies them (generic_permission, the sticky bit,
-set-group-ID inheritance and the set-ID clearing rules).
+"""POSIX permission rules, as Linux applies them (generic_permission with POSIX ACLs, the
+sticky bit, set-group-ID inheritance and the set-ID clearing rules).
 
 The mount always runs with ``default_permissions`` so the kernel checks modes before a request
 reaches NexFS; the library checks them too, so that it is correct when called directly (tools,
@@ -12,6 +12,7 @@ import errno
 import os
 import stat
 
+from . import acl as acls
 from .attr import Ctx
 from .inode import Inode
 from .types import FsError
@@ -19,12 +20,15 @@ from .types import FsError
 R_OK, W_OK, X_OK = os.R_OK, os.W_OK, os.X_OK
 
 
-def may(inode: Inode, mask: int, ctx: Ctx) -> bool:
-    """True when ``ctx`` may access ``inode`` for ``mask`` (R_OK | W_OK | X_OK)."""
+def may(inode: Inode, mask: int, ctx: Ctx, acl: acls.Acl | None = None) -> bool:
+    """True when ``ctx`` may access ``inode`` for ``mask`` (R_OK | W_OK | X_OK); ``acl`` is
+    the inode's access ACL, if it has one (its mode's group bits are then the ACL's mask)."""
     mode = inode.mode
     if ctx.uid == 0:
         # root may do anything except execute a non-directory with no execute bit at all.
         return not (mask & X_OK and not stat.S_ISDIR(mode) and not mode & 0o111)
+    if acl:
+        return acls.permits(acl, inode.uid, inode.gid, ctx.uid, ctx.in_group, mask)
     if ctx.uid == inode.uid:
         bits = (mode >> 6) & 7
     elif ctx.in_group(inode.gid):
@@ -34,9 +38,9 @@ def may(inode: Inode, mask: int, ctx: Ctx) -> bool:
     return (bits & mask) == mask
 
 
-def check(inode: Inode, mask: int, ctx: Ctx) -> None:
+def check(inode: Inode, mask: int, ctx: Ctx, acl: acls.Acl | None = None) -> None:
     """Raise EACCES unless ``ctx`` may access ``inode`` for ``mask``."""
-    if mask and not may(inode, mask, ctx):
+    if mask and not may(inode, mask, ctx, acl):
         raise FsError(errno.EACCES)
 
 
