@@ -6,7 +6,8 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 DEB_PKGS := python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev util-linux \
-            e2fsprogs fuse2fs fio rsync sqlite3 attr acl git tar
+            e2fsprogs fuse2fs fio rsync sqlite3 attr acl git tar \
+            nfs-ganesha nfs-ganesha-vfs libnfs-utils
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test long deps venv lint bench bench-quick clean
@@ -42,7 +43,8 @@ run: venv
 # The long reliability run (docs/RELIABILITY.md): >50,000 crash states, 6,000 hostile
 # images, then 10 minutes of fuzzing the valve.
 long: venv
-	NEXFS_LONG=1 $(VENV)/bin/pytest -q -s tests/test_crash_explore.py tests/test_hostile.py
+	NEXFS_LONG=1 $(VENV)/bin/pytest -q -s tests/test_crash_explore.py tests/test_hostile.py \
+	  tests/test_mount_export.py tests/test_mount_acl.py
 	$(PY) -m pip install -q atheris
 	mkdir -p /tmp/nexfs-fuzz-corpus
 	$(PY) fuzz/fuzz_valve.py -max_total_time=600 /tmp/nexfs-fuzz-corpus fuzz/regressions
