@@ -28,13 +28,15 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
-from .attr import Attr, Ctx, SetAttr
+from . import clock
+from .attr import UTIME_NOW, Attr, Ctx, SetAttr
 from .fs import FileSystem
 from .types import CorruptionError, FsError
 
@@ -102,6 +104,19 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
         return result
 
     return wrapper
+
+
+def _kernel_now(value: int) -> int:
+    """A time from setattr, with pyfuse3's "now" put on the kernel's clock.
+
+    For UTIME_NOW on anything but a regular file the kernel sends FATTR_MTIME_NOW and
+    pyfuse3 fills in CLOCK_REALTIME, up to a tick ahead of the clock every other time comes
+    from (nexfs/clock.py).  A time past the kernel's "now" but not past CLOCK_REALTIME is
+    that "now" (an explicit time could only land there within the same tick, and means the
+    same instant): it becomes UTIME_NOW, which the core stamps with the kernel's clock."""
+    if clock.now_ns() < value <= time.time_ns():
+        return UTIME_NOW
+    return value
 
 
 def _brief(value: object) -> str:
@@ -314,6 +329,8 @@ class FuseAdapter(pyfuse3.Operations):
         # time, and the writeback cache flushing the mtime it kept for a writer who is not
         # the owner.  So times-only changes go to the core as the kernel's own.
         caller = Ctx(uid=0, gid=0, pid=ctx.pid) if only_times or kills_setid else self._ctx(ctx)
+        atime_ns = _kernel_now(attr.st_atime_ns) if fields.update_atime else 0
+        mtime_ns = _kernel_now(attr.st_mtime_ns) if fields.update_mtime else 0
         changes = SetAttr(
             mode=attr.st_mode if update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -323,13 +340,14 @@ class FuseAdapter(pyfuse3.Operations):
             # the size; with the writeback cache the kernel sends its mtime explicitly), and
             # the core sets them itself: checked as the caller's explicit times they would
             # refuse ftruncate to a writer who is not the owner (EPERM).
-            atime_ns=attr.st_atime_ns if fields.update_atime and not fields.update_size
-            else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime and not fields.update_size
-            else None,
+            atime_ns=atime_ns if fields.update_atime and not fields.update_size else None,
+            mtime_ns=mtime_ns if fields.update_mtime and not fields.update_size else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
-        return self._entry(self.fs.setattr(inode, changes, caller))
+        # With a file handle the size change is an ftruncate: the kernel has checked that
+        # the descriptor was opened for writing, which is the whole check on Linux.
+        return self._entry(self.fs.setattr(inode, changes, caller,
+                                           opened_for_write=fh is not None))
 
     def _clears_only_setid(self, inode: int, mode: int) -> bool:
         """True when ``mode`` is the inode's mode with set-user-ID and/or set-group-ID
@@ -387,7 +405,13 @@ class FuseAdapter(pyfuse3.Operations):
         self.fs.open_file(inode, flags, caller)
         # keep_cache: nothing but this kernel changes the volume, so cached pages stay valid
         # from one open to the next.
-        return pyfuse3.FileInfo(fh=self._open_handle(inode, caller), keep_cache=True)
+        keep_cache = True
+        if flags & os.O_ACCMODE != os.O_WRONLY and self.fs.atime_due(inode):
+            # Except when a read now would update the atime (relatime: the first read after
+            # a change; strictatime: every open): reads served from the page cache never
+            # reach the core, so the pages go and the first read comes here.
+            keep_cache = False
+        return pyfuse3.FileInfo(fh=self._open_handle(inode, caller), keep_cache=keep_cache)
 
     @_handler
     def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
