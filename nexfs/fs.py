@@ -867,10 +867,15 @@ class FileSystem:
         return data
 
     def atime_due(self, ino: int) -> bool:
-        """True when a read of ``ino`` now would update its atime.  The mount drops the
-        kernel's cached pages of a file opened while this holds, so that the read reaches
-        the core (docs/MOUNT.md, "Access times")."""
+        """True when a read of ``ino`` now would update its atime."""
         return self._atime_due(self.inodes.get(ino))
+
+    @_reading
+    def note_read_open(self, ino: int) -> bool:
+        """``ino`` was opened for reading: set the atime the reads will want now, because
+        reads served from the kernel's page cache never get here (docs/MOUNT.md, "Access
+        times").  True when the atime changed."""
+        return self._note_access(self.inodes.get(ino))
 
     def _atime_due(self, inode: Inode) -> bool:
         if self.atime == "noatime" or self.read_only:
@@ -883,12 +888,13 @@ class FileSystem:
                 or time.clock_gettime_ns(clock.CLOCK_REALTIME_COARSE) - inode.atime_ns
                 >= _DAY_NS)
 
-    def _note_access(self, inode: Inode) -> None:
+    def _note_access(self, inode: Inode) -> bool:
         if not self._atime_due(inode):
-            return
+            return False
         inode.atime_ns = _now()
         self._dirty(inode)
         self.inodes.flush()
+        return True
 
     @_mutating
     def write(self, ino: int, offset: int, data: bytes | memoryview, ctx: Ctx) -> int:

@@ -403,15 +403,22 @@ class FuseAdapter(pyfuse3.Operations):
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         caller = self._ctx(ctx)
         self.fs.open_file(inode, flags, caller)
+        if flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_NOATIME:
+            self._note_read_open(inode)
         # keep_cache: nothing but this kernel changes the volume, so cached pages stay valid
         # from one open to the next.
-        keep_cache = True
-        if flags & os.O_ACCMODE != os.O_WRONLY and self.fs.atime_due(inode):
-            # Except when a read now would update the atime (relatime: the first read after
-            # a change; strictatime: every open): reads served from the page cache never
-            # reach the core, so the pages go and the first read comes here.
-            keep_cache = False
-        return pyfuse3.FileInfo(fh=self._open_handle(inode, caller), keep_cache=keep_cache)
+        return pyfuse3.FileInfo(fh=self._open_handle(inode, caller), keep_cache=True)
+
+    def _note_read_open(self, inode: int) -> None:
+        """Reads served from the page cache never reach the core, so the atime a read would
+        set is set when the file is opened for reading (docs/MOUNT.md, "Access times"), and
+        the kernel drops the attributes it cached so that stat shows it.  Attributes only:
+        that notification writes nothing back and cannot block."""
+        if self.fs.note_read_open(inode):
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            except OSError as exc:  # no session (in-process use) or an old kernel
+                log.debug("cannot invalidate the attributes of inode %d: %s", inode, exc)
 
     @_handler
     def create(self, parent_inode: int, name: bytes, mode: int, flags: int,

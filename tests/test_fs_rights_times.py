@@ -144,6 +144,12 @@ def test_atime_rules(fs: FileSystem, mode: str) -> None:
         if updated:
             assert fs.getattr(f.ino).atime_ns >= now
         assert fs.atime_due(f.ino) is (mode == "strictatime"), name
+        # An open for reading sets the atime the reads would (the mount's reads may all be
+        # served from the page cache), and says whether it changed it.
+        fs.setattr(f.ino, times, ROOT)
+        assert fs.note_read_open(f.ino) is want, name
+        assert (fs.getattr(f.ino).atime_ns != now + a) is want, name
+        assert fs.note_read_open(f.ino) is (mode == "strictatime"), name
 
 
 def test_atime_is_not_due_on_a_read_only_volume(image: object) -> None:
