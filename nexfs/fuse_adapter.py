@@ -28,15 +28,13 @@ import functools
 import logging
 import os
 import stat
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
-from . import clock
-from .attr import UTIME_NOW, Attr, Ctx, SetAttr
+from .attr import Attr, Ctx, SetAttr
 from .fs import FileSystem
 from .types import CorruptionError, FsError
 
@@ -52,8 +50,9 @@ every path walk: ``tar``, ``git status`` and ``find`` stat the same names again 
 
 ATTR_TIMEOUT = 60.0
 """Seconds the kernel may cache attributes.  The same argument as for entries; the only
-attribute the core changes on its own is atime (relatime), which may show up to this late in
-``stat``.  With the writeback cache the kernel owns size and mtime of open files anyway."""
+attribute the core changes on its own is atime: the kernel drops what it cached after a read
+it sent, and the adapter tells it to when an open sets the atime.  With the writeback cache
+the kernel owns size and mtime of open files anyway."""
 
 COMMIT_INTERVAL = 5.0
 """Seconds between background commits: at most this much acknowledged work is lost on a
@@ -104,19 +103,6 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
         return result
 
     return wrapper
-
-
-def _kernel_now(value: int) -> int:
-    """A time from setattr, with pyfuse3's "now" put on the kernel's clock.
-
-    For UTIME_NOW on anything but a regular file the kernel sends FATTR_MTIME_NOW and
-    pyfuse3 fills in CLOCK_REALTIME, up to a tick ahead of the clock every other time comes
-    from (nexfs/clock.py).  A time past the kernel's "now" but not past CLOCK_REALTIME is
-    that "now" (an explicit time could only land there within the same tick, and means the
-    same instant): it becomes UTIME_NOW, which the core stamps with the kernel's clock."""
-    if clock.now_ns() < value <= time.time_ns():
-        return UTIME_NOW
-    return value
 
 
 def _brief(value: object) -> str:
@@ -329,8 +315,6 @@ class FuseAdapter(pyfuse3.Operations):
         # time, and the writeback cache flushing the mtime it kept for a writer who is not
         # the owner.  So times-only changes go to the core as the kernel's own.
         caller = Ctx(uid=0, gid=0, pid=ctx.pid) if only_times or kills_setid else self._ctx(ctx)
-        atime_ns = _kernel_now(attr.st_atime_ns) if fields.update_atime else 0
-        mtime_ns = _kernel_now(attr.st_mtime_ns) if fields.update_mtime else 0
         changes = SetAttr(
             mode=attr.st_mode if update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -340,8 +324,10 @@ class FuseAdapter(pyfuse3.Operations):
             # the size; with the writeback cache the kernel sends its mtime explicitly), and
             # the core sets them itself: checked as the caller's explicit times they would
             # refuse ftruncate to a writer who is not the owner (EPERM).
-            atime_ns=atime_ns if fields.update_atime and not fields.update_size else None,
-            mtime_ns=mtime_ns if fields.update_mtime and not fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime and not fields.update_size
+            else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime and not fields.update_size
+            else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
         # With a file handle the size change is an ftruncate: the kernel has checked that
