@@ -188,3 +188,28 @@ def test_core_clock_is_the_kernels() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_which_opens_set_the_atime(fs: FileSystem) -> None:
+    """Through the adapter's open (no FUSE session: the attribute notification is skipped):
+    opens that can read (execve's too) set a due atime, write-only and O_NOATIME opens do
+    not."""
+    import trio
+
+    from nexfs.fuse_adapter import FuseAdapter
+
+    class Caller:  # what the adapter reads of pyfuse3's RequestContext
+        uid, gid, pid, umask = 0, 0, 1, 0
+
+    adapter = FuseAdapter(fs)
+    f = fs.create(ROOT_INO, b"f", 0o755, ROOT)
+    fs.write(f.ino, 0, b"data", ROOT)
+    opens = {"O_RDONLY": (os.O_RDONLY, True), "O_RDWR": (os.O_RDWR, True),
+             "exec": (os.O_RDONLY | FMODE_EXEC, True), "O_WRONLY": (os.O_WRONLY, False),
+             "O_NOATIME": (os.O_RDONLY | os.O_NOATIME, False)}
+    for name, (flags, sets) in opens.items():
+        old = fs.getattr(f.ino).mtime_ns - 1
+        fs.setattr(f.ino, SetAttr(atime_ns=old), ROOT)
+        info = trio.run(adapter.open, f.ino, flags, Caller())
+        assert (fs.getattr(f.ino).atime_ns != old) is sets, name
+        trio.run(adapter.release, info.fh)
