@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from . import acl as acls
-from . import perms
+from . import clock, perms
 from .attr import UTIME_NOW, Attr, Ctx, SetAttr, StatFs
 from .dirindex import DirIndex
 from .fileio import FileData
@@ -50,6 +50,9 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+FMODE_EXEC = 0o40
+"""The kernel's ``__FMODE_EXEC``: set in the open flags FUSE passes on when execve opens a
+program.  Such an open is checked as execute, not read: a 0711 program runs for anybody."""
 _DAY_NS = 86400 * 1_000_000_000
 
 T = TypeVar("T")
@@ -69,7 +72,9 @@ def _check_name(name: bytes) -> None:
 
 
 def _now() -> int:
-    return time.time_ns()
+    # The kernel's clock, not time.time_ns(): with the writeback cache the kernel stamps the
+    # files it caches itself, and both kinds of stamps must be ordered (nexfs/clock.py).
+    return clock.now_ns()
 
 
 def _mutating(fn: Callable[..., T]) -> Callable[..., T]:
@@ -845,7 +850,11 @@ class FileSystem:
     # -- attributes -------------------------------------------------------------------------
 
     @_mutating
-    def setattr(self, ino: int, changes: SetAttr, ctx: Ctx) -> Attr:
+    def setattr(self, ino: int, changes: SetAttr, ctx: Ctx, *,
+                opened_for_write: bool = False) -> Attr:
+        """Change attributes.  ``opened_for_write``: the size change comes through a
+        descriptor the caller opened for writing (ftruncate); the right to write was checked
+        at that open, and on Linux survives a later chmod (even to mode 0)."""
         inode = self.inodes.get(ino)
         now = _now()
         if changes.mode is not None and not perms.is_owner(inode, ctx):
@@ -874,7 +883,8 @@ class FileSystem:
                 raise FsError(errno.EISDIR)
             if not inode.is_reg:
                 raise FsError(errno.EINVAL)
-            perms.check(inode, perms.W_OK, ctx, self._access_acl(inode))
+            if not opened_for_write:
+                perms.check(inode, perms.W_OK, ctx, self._access_acl(inode))
         if changes.size is not None and changes.size > inode.size:
             pass  # growing needs no space: the new range is a hole
         if changes.size is not None:
@@ -893,10 +903,8 @@ class FileSystem:
             self._chmod_acl(inode, mode)  # first: it may fail (ENOSPC) with nothing changed
             inode.mode = stat.S_IFMT(inode.mode) | mode
         if changes.uid is not None or changes.gid is not None:
-            if (changes.uid is not None and changes.uid != inode.uid) or (
-                changes.gid is not None and changes.gid != inode.gid
-            ) or ctx.uid != 0:
-                inode.mode = perms.killpriv(inode.mode)
+            # Every chown, by anybody, to new or the same ids (Linux's chown_common).
+            inode.mode = perms.killpriv(inode.mode)
             if changes.uid is not None:
                 inode.uid = changes.uid
             if changes.gid is not None:
@@ -928,6 +936,8 @@ class FileSystem:
             raise FsError(errno.EROFS)
         mask = {os.O_RDONLY: perms.R_OK, os.O_WRONLY: perms.W_OK}.get(
             accmode, perms.R_OK | perms.W_OK)
+        if flags & FMODE_EXEC:
+            mask = perms.X_OK  # execve's open: MAY_EXEC, not MAY_READ
         perms.check(inode, mask, ctx, self._access_acl(inode))
         if flags & os.O_TRUNC and inode.is_reg and inode.size:
             self.setattr(ino, SetAttr(size=0), ctx)
@@ -948,18 +958,35 @@ class FileSystem:
         self._note_access(inode)
         return data
 
-    def _note_access(self, inode: Inode) -> None:
+    def atime_due(self, ino: int) -> bool:
+        """True when a read of ``ino`` now would update its atime."""
+        return self._atime_due(self.inodes.get(ino))
+
+    @_reading
+    def note_read_open(self, ino: int) -> bool:
+        """``ino`` was opened for reading: set the atime the reads will want now, because
+        reads served from the kernel's page cache never get here (docs/MOUNT.md, "Access
+        times").  True when the atime changed."""
+        return self._note_access(self.inodes.get(ino))
+
+    def _atime_due(self, inode: Inode) -> bool:
         if self.atime == "noatime" or self.read_only:
-            return
-        now = _now()
-        if self.atime == "relatime" and not (
-            inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
-            or now - inode.atime_ns >= _DAY_NS
-        ):
-            return
-        inode.atime_ns = now
+            return False
+        if self.atime == "strictatime":
+            return True
+        # relatime (Linux's relatime_need_update): the first read after a change, and
+        # then once a day.  The coarse clock is plenty for the day.
+        return (inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
+                or time.clock_gettime_ns(clock.CLOCK_REALTIME_COARSE) - inode.atime_ns
+                >= _DAY_NS)
+
+    def _note_access(self, inode: Inode) -> bool:
+        if not self._atime_due(inode):
+            return False
+        inode.atime_ns = _now()
         self._dirty(inode)
         self.inodes.flush()
+        return True
 
     @_mutating
     def write(self, ino: int, offset: int, data: bytes | memoryview, ctx: Ctx) -> int:

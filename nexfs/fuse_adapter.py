@@ -50,8 +50,9 @@ every path walk: ``tar``, ``git status`` and ``find`` stat the same names again 
 
 ATTR_TIMEOUT = 60.0
 """Seconds the kernel may cache attributes.  The same argument as for entries; the only
-attribute the core changes on its own is atime (relatime), which may show up to this late in
-``stat``.  With the writeback cache the kernel owns size and mtime of open files anyway."""
+attribute the core changes on its own is atime: the kernel drops what it cached after a read
+it sent, and the adapter tells it to when an open sets the atime.  With the writeback cache
+the kernel owns size and mtime of open files anyway."""
 
 COMMIT_INTERVAL = 5.0
 """Seconds between background commits: at most this much acknowledged work is lost on a
@@ -335,7 +336,10 @@ class FuseAdapter(pyfuse3.Operations):
             else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
-        return self._entry(self.fs.setattr(inode, changes, caller))
+        # With a file handle the size change is an ftruncate: the kernel has checked that
+        # the descriptor was opened for writing, which is the whole check on Linux.
+        return self._entry(self.fs.setattr(inode, changes, caller,
+                                           opened_for_write=fh is not None))
 
     def _clears_only_setid(self, inode: int, mode: int) -> bool:
         """True when ``mode`` is the inode's mode with set-user-ID and/or set-group-ID
@@ -391,9 +395,22 @@ class FuseAdapter(pyfuse3.Operations):
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         caller = self._ctx(ctx)
         self.fs.open_file(inode, flags, caller)
+        if flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_NOATIME:
+            self._note_read_open(inode)
         # keep_cache: nothing but this kernel changes the volume, so cached pages stay valid
         # from one open to the next.
         return pyfuse3.FileInfo(fh=self._open_handle(inode, caller), keep_cache=True)
+
+    def _note_read_open(self, inode: int) -> None:
+        """Reads served from the page cache never reach the core, so the atime a read would
+        set is set when the file is opened for reading (docs/MOUNT.md, "Access times"), and
+        the kernel drops the attributes it cached so that stat shows it.  Attributes only:
+        that notification writes nothing back and cannot block."""
+        if self.fs.note_read_open(inode):
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            except OSError as exc:  # no session (in-process use) or an old kernel
+                log.debug("cannot invalidate the attributes of inode %d: %s", inode, exc)
 
     @_handler
     def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
