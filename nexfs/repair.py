@@ -69,9 +69,7 @@ def rewrite_bitmap(store: Store, bitmap: Bitmap, used: dict[int, int]) -> int:
             entries[i] = free
         sblk = BlockNo(bitmap.summary_start + s)
         store.put_new(SummaryBlock(sblk, bitmap.summary_magic, s, entries))
-    bitmap.pending.clear()
-    bitmap.pending_new.clear()
-    bitmap.pending_count = 0
+    bitmap.reset()
     return total_free
 
 
