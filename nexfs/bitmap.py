@@ -349,6 +349,27 @@ class Bitmap:
             lambda b, raw: BitmapBlock.decode(b, raw, magic=magic, group=g, seed=seed,
                                               tail=tail, expect_free=expect, structure=name))
 
+    def read_ahead(self, g_lo: int, g_hi: int) -> None:
+        """Bring the bitmap blocks of groups g_lo..g_hi-1 into the cache with few reads (256
+        groups per read, UNINIT groups skipped) when the store can (``read_ahead``)."""
+        read_ahead = getattr(self.store, "read_ahead", None)
+        if read_ahead is None:
+            return
+        seed, magic, name = self.store.volume_seed, self.magic, f"{self.name} bitmap"
+        for lo in range(g_lo, g_hi, 256):
+            groups = {self.bitmap_start + g: g for g in range(lo, min(lo + 256, g_hi))
+                      if not self.summary_entry(g) & UNINIT}
+
+            def decode(b: BlockNo, raw: memoryview, groups: dict[int, int] = groups
+                       ) -> BitmapBlock:
+                g = groups[b]
+                return BitmapBlock.decode(b, raw, magic=magic, group=g, seed=seed,
+                                          tail=self.tail_mask(g),
+                                          expect_free=self.summary_entry(g) & COUNT_MASK,
+                                          structure=name)
+
+            read_ahead(sorted(groups), decode)
+
     def _bits(self, g: int) -> int:
         blk = self.group(g, create=False)
         return self.tail_mask(g) if blk is None else blk.bits

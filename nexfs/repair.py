@@ -138,8 +138,7 @@ class Repairer:
                     inode.blocks -= n
                 if info.past_eof:
                     self.say(f"inode {ino}: freeing blocks past the end of the file")
-                    keep = -(-inode.size // BLOCK_SIZE)
-                    data.free_runs(data.emap.punch(keep, None))
+                    fs.release_data(inode, -(-inode.size // BLOCK_SIZE), protect=False)
             elif info.tree_damage:
                 self.say(f"inode {ino}: bad symlink; clearing it")
                 inode.size = 0
@@ -204,6 +203,13 @@ class Repairer:
 
     def orphans(self) -> None:
         fs = self.fs
+        # Unfinished deletions first, in steps that may commit (a file can span more groups
+        # than a transaction holds): the inodes keep their flag meanwhile, so a crash here
+        # leaves them for the next run.  Then the list is emptied and the inodes freed.
+        for ino in self.found.orphans:
+            inode = fs.inodes.get(ino)
+            if inode.is_reg or (inode.is_symlink and not inode.flags & INODE_FLAG_INLINE):
+                fs.release_data(inode, 0, protect=False)
         state = self.store.state
         if state.orphan_head:
             state.orphan_head = 0
