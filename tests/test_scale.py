@@ -33,7 +33,7 @@ from scalekit import groups_of, placed_file
 
 import nexfs.store
 from nexfs.attr import SetAttr
-from nexfs.bitmap import BPB, COUNT_MASK, FULL, MAX_EXAMINE, UNINIT, Bitmap, find_run
+from nexfs.bitmap import BPB, COUNT_MASK, FULL, MAX_EXAMINE, UNINIT, Bitmap, MaxIndex, find_run
 from nexfs.checker import scan
 from nexfs.fs import ROOT_INO, FileSystem
 from nexfs.metastore import BLOCK_SIZE
@@ -329,6 +329,27 @@ def test_allocation_cost_does_not_grow_with_the_volume() -> None:
     assert inode_costs[1] < 4 * inode_costs[0], inode_costs
     for store in stores:
         store.close()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 1000])
+def test_max_index_finds_what_a_scan_finds(n: int) -> None:
+    rng = random.Random(n)
+    values = [rng.randrange(0, 50) for _ in range(n)]
+    index = MaxIndex(values)
+
+    def scan_for(lo: int, need: int) -> int:
+        return next((g for g in range(lo, n) if values[g] >= need), -1)
+
+    for lo in range(n + 1):
+        for need in (1, 10, 30, 49, 50):
+            assert index.first_at_least(lo, need) == scan_for(lo, need)
+    for _ in range(500):
+        g = rng.randrange(n)
+        values[g] = rng.randrange(0, 50)
+        index.set(g, values[g])
+        lo, need = rng.randrange(n + 1), rng.randrange(1, 51)
+        assert index.first_at_least(lo, need) == scan_for(lo, need)
+        assert index.value(g) == values[g]
 
 
 def reference_find(bm: Bitmap, goal: int, want: int) -> tuple[int, int] | None:
