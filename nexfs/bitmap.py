@@ -298,6 +298,7 @@ class Bitmap:
         if index is None:
             values: list[int] = []
             nsum = -(-self.ngroups // SUMMARY_ENTRIES)
+            self._read_ahead_summaries(nsum)
             for s in range(nsum):
                 nvalid = min(SUMMARY_ENTRIES, self.ngroups - s * SUMMARY_ENTRIES)
                 values.extend(e & COUNT_MASK for e in self._summary(s).entries[:nvalid])
@@ -306,6 +307,22 @@ class Bitmap:
                     values[g] -= m.bit_count()
             index = self._index = MaxIndex(values)
         return index
+
+    def _read_ahead_summaries(self, nsum: int) -> None:
+        read_ahead = getattr(self.store, "read_ahead", None)
+        if read_ahead is None:
+            return
+        seed, magic, name = self.store.volume_seed, self.summary_magic, f"{self.name} summary"
+        for lo in range(0, nsum, 256):
+
+            def decode(b: BlockNo, raw: memoryview) -> SummaryBlock:
+                s = b - self.summary_start
+                return SummaryBlock.decode(
+                    b, raw, magic=magic, index=s, seed=seed, structure=name,
+                    nvalid=min(SUMMARY_ENTRIES, self.ngroups - s * SUMMARY_ENTRIES))
+
+            read_ahead(range(self.summary_start + lo, self.summary_start + min(lo + 256, nsum)),
+                       decode)
 
     def _index_add(self, g: int, delta: int) -> None:
         if self._index is not None:

@@ -731,8 +731,10 @@ class Store:
                                                    "area")
         self._data.discard(start, count)
         i, left = int(start), count
-        if (i + count - 1) // BPB > i // BPB:
-            self.blocks.read_ahead(i // BPB, (i + count - 1) // BPB + 1)
+        if (i + count - 1) // BPB > i // BPB:  # a run over many groups (a big free's step)
+            first = i // BPB
+            self.blocks.read_ahead(first, min((i + count - 1) // BPB + 1,
+                                              first + self._cache.capacity // 4))
         while left:
             take = min(left, BPB - i % BPB)
             self.blocks.clear_range(i, take, defer=True)
