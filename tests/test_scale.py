@@ -33,7 +33,7 @@ from scalekit import groups_of, placed_file
 
 import nexfs.store
 from nexfs.attr import SetAttr
-from nexfs.bitmap import BPB, COUNT_MASK, FULL, MAX_EXAMINE, UNINIT, Bitmap, MaxIndex, find_run
+from nexfs.bitmap import BPB, COUNT_MASK, FULL, MAX_EXAMINE, UNINIT, Bitmap, find_run
 from nexfs.checker import scan
 from nexfs.fs import ROOT_INO, FileSystem
 from nexfs.metastore import BLOCK_SIZE
@@ -286,6 +286,66 @@ def test_repair_frees_huge_orphans_in_steps(small_journal: int) -> None:
         assert store.state.orphan_head == 0
 
 
+@pytest.mark.parametrize("seed", range(4 if LONG else 1))
+def test_random_operations_on_files_over_many_groups(seed: int, monkeypatch: pytest.MonkeyPatch
+                                                     ) -> None:
+    """Every operation that may free a file's blocks (truncate, O_TRUNC, unlink, unlink of an
+    open file and its release, rename over a file, the release of open files at unmount),
+    mixed at random with writes and commits, on files over up to 300 groups, with
+    transactions limited to 128 blocks (a 256-block journal holds 253): whatever an
+    operation's size, the volume must never go read-only, and fsck must stay clean."""
+    limit = 128
+    monkeypatch.setattr(nexfs.store, "max_images", lambda _journal_len: limit)
+    monkeypatch.setattr(Store, "should_commit", lambda self: self.txn_blocks >= limit // 4)
+    rng = random.Random(seed)
+    dev = _fresh(64 << 30)  # 516 groups
+    fs = FileSystem.open(dev)
+    groups = list(_data_groups(fs))
+    names: dict[bytes, int] = {}
+    held: list[int] = []
+    for step in range(40 if LONG else 16):
+        op = rng.choice(["place", "place", "truncate", "otrunc", "unlink", "unlink_open",
+                         "release", "rename", "write", "commit"])
+        if op == "place" or not names:
+            name = f"f{step}".encode()
+            names[name] = placed_file(fs, ROOT_INO, name,
+                                      rng.sample(groups, rng.randrange(1, 300)),
+                                      per_group=rng.choice([1, 1, 3]))
+        elif op == "truncate":
+            ino = names[rng.choice(sorted(names))]
+            size = fs.getattr(ino).size
+            fs.setattr(ino, SetAttr(size=rng.randrange(0, size + 1)), ROOT)
+        elif op == "otrunc":
+            fs.open_file(names[rng.choice(sorted(names))], os.O_WRONLY | os.O_TRUNC, ROOT)
+        elif op in ("unlink", "unlink_open"):
+            name = rng.choice(sorted(names))
+            ino = names.pop(name)
+            if op == "unlink_open":
+                fs.ref(ino)
+                held.append(ino)
+            fs.unlink(ROOT_INO, name, ROOT)
+        elif op == "release" and held:
+            fs.unref(held.pop(rng.randrange(len(held))))
+        elif op == "rename" and len(names) >= 2:
+            src, dst = rng.sample(sorted(names), 2)
+            fs.rename(ROOT_INO, src, ROOT_INO, dst, 0, ROOT)
+            names[dst] = names.pop(src)
+        elif op == "write":
+            ino = names[rng.choice(sorted(names))]
+            fs.write(ino, rng.randrange(0, 1 << 30), b"w" * rng.choice([1, 5000, 70_000]), ROOT)
+        else:
+            fs.commit()
+        assert fs.error is None, f"step {step} ({op}): {fs.error}"
+    fs.ref(names[sorted(names)[0]])  # still open at unmount, and unlinked
+    fs.unlink(ROOT_INO, sorted(names)[0], ROOT)
+    fs.close()
+    assert fs.error is None, fs.error
+    with Store.open(dev, read_only=True) as store:
+        found = scan(store)
+        assert found.clean, found.problems[:5]
+        assert store.state.orphan_head == 0
+
+
 # -- defect 4: allocation cost -----------------------------------------------------------------
 
 
@@ -333,6 +393,8 @@ def test_allocation_cost_does_not_grow_with_the_volume() -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 1000])
 def test_max_index_finds_what_a_scan_finds(n: int) -> None:
+    from nexfs.bitmap import MaxIndex
+
     rng = random.Random(n)
     values = [rng.randrange(0, 50) for _ in range(n)]
     index = MaxIndex(values)
