@@ -286,7 +286,7 @@ def test_repair_frees_huge_orphans_in_steps(small_journal: int) -> None:
         assert store.state.orphan_head == 0
 
 
-@pytest.mark.parametrize("seed", range(4 if LONG else 1))
+@pytest.mark.parametrize("seed", range(10 if LONG else 3))
 def test_random_operations_on_files_over_many_groups(seed: int, monkeypatch: pytest.MonkeyPatch
                                                      ) -> None:
     """Every operation that may free a file's blocks (truncate, O_TRUNC, unlink, unlink of an
@@ -303,14 +303,26 @@ def test_random_operations_on_files_over_many_groups(seed: int, monkeypatch: pyt
     groups = list(_data_groups(fs))
     names: dict[bytes, int] = {}
     held: list[int] = []
-    for step in range(40 if LONG else 16):
-        op = rng.choice(["place", "place", "truncate", "otrunc", "unlink", "unlink_open",
-                         "release", "rename", "write", "commit"])
-        if op == "place" or not names:
-            name = f"f{step}".encode()
-            names[name] = placed_file(fs, ROOT_INO, name,
-                                      rng.sample(groups, rng.randrange(1, 300)),
-                                      per_group=rng.choice([1, 1, 3]))
+    kinds = ["place", "place", "truncate", "otrunc", "unlink", "unlink_open", "release",
+             "rename", "write", "commit"]
+    # Every kind at least once, then at random.
+    plan = [*rng.sample(kinds, len(kinds)), *rng.choices(kinds, k=40 if LONG else 10)]
+    done: set[str] = set()
+
+    def place(name: bytes) -> None:
+        names[name] = placed_file(fs, ROOT_INO, name, rng.sample(groups, rng.randrange(1, 300)),
+                                  per_group=rng.choice([1, 1, 3]))
+
+    for step, op in enumerate(plan):
+        if op != "place" and len(names) < 3:
+            place(f"g{step}".encode())
+        if op == "release" and not held:
+            ino = names.pop(name := sorted(names)[0])
+            fs.ref(ino)
+            held.append(ino)
+            fs.unlink(ROOT_INO, name, ROOT)
+        if op == "place":
+            place(f"f{step}".encode())
         elif op == "truncate":
             ino = names[rng.choice(sorted(names))]
             size = fs.getattr(ino).size
@@ -324,9 +336,9 @@ def test_random_operations_on_files_over_many_groups(seed: int, monkeypatch: pyt
                 fs.ref(ino)
                 held.append(ino)
             fs.unlink(ROOT_INO, name, ROOT)
-        elif op == "release" and held:
+        elif op == "release":
             fs.unref(held.pop(rng.randrange(len(held))))
-        elif op == "rename" and len(names) >= 2:
+        elif op == "rename":
             src, dst = rng.sample(sorted(names), 2)
             fs.rename(ROOT_INO, src, ROOT_INO, dst, 0, ROOT)
             names[dst] = names.pop(src)
@@ -335,7 +347,9 @@ def test_random_operations_on_files_over_many_groups(seed: int, monkeypatch: pyt
             fs.write(ino, rng.randrange(0, 1 << 30), b"w" * rng.choice([1, 5000, 70_000]), ROOT)
         else:
             fs.commit()
+        done.add(op)
         assert fs.error is None, f"step {step} ({op}): {fs.error}"
+    assert done == set(kinds), set(kinds) - done
     fs.ref(names[sorted(names)[0]])  # still open at unmount, and unlinked
     fs.unlink(ROOT_INO, sorted(names)[0], ROOT)
     fs.close()
