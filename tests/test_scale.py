@@ -314,8 +314,8 @@ def test_random_operations_on_files_over_many_groups(seed: int, monkeypatch: pyt
                                   per_group=rng.choice([1, 1, 3]))
 
     for step, op in enumerate(plan):
-        if op != "place" and len(names) < 3:
-            place(f"g{step}".encode())
+        while op != "place" and len(names) < 3:
+            place(f"g{step}-{len(names)}".encode())
         if op == "release" and not held:
             ino = names.pop(name := sorted(names)[0])
             fs.ref(ino)
