@@ -9,6 +9,7 @@ never changes the volume.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import stat
 from collections.abc import Callable, Iterator
@@ -91,6 +92,7 @@ class Scan:
     extra_parents: list[tuple[int, bytes, int]] = field(default_factory=list)
     unreachable: list[int] = field(default_factory=list)
     orphans: list[int] = field(default_factory=list)  # on the orphan list, nlink 0
+    pending_truncates: list[int] = field(default_factory=list)  # orphans with blocks past EOF
     orphan_list_damage: str | None = None
     stray_orphan_flags: list[int] = field(default_factory=list)
     bitmap_damage: list[str] = field(default_factory=list)
@@ -320,9 +322,14 @@ class _Scanner:
             end_block = lblk + n
             size_blocks = -(-inode.size // BLOCK_SIZE)
             if end_block > size_blocks:
-                self.out.problem(f"inode {ino}: blocks mapped past the end of file "
-                                 f"(size {inode.size})")
                 info.past_eof = True
+                if inode.flags & INODE_FLAG_ORPHAN:
+                    # A truncate (or delete) under way when the volume went down: the
+                    # mount finishes it (a flag without the list is reported in pass 4).
+                    self.out.pending_truncates.append(ino)
+                else:
+                    self.out.problem(f"inode {ino}: blocks mapped past the end of file "
+                                     f"(size {inode.size})")
 
     def _salvage_extents(self, emap: ExtentMap, ino: int,
                          area: bytes | bytearray) -> list[tuple[int, int, int]]:
@@ -493,6 +500,9 @@ class _Scanner:
         used = self.out.used_blocks
         total_free = 0
         for g in range(blocks.ngroups):
+            if g % 256 == 0:
+                with contextlib.suppress(CorruptionError):  # (reported below, group by group)
+                    blocks.read_ahead(g, min(g + 256, blocks.ngroups))
             want = used.get(g, 0) | blocks.tail_mask(g)
             try:
                 entry = blocks.summary_entry(g)

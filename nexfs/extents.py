@@ -287,6 +287,11 @@ class ExtentMap:
         """The extent with the highest logical start, as (lblk, phys, n), or None."""
         return self._seek_le(MAX_FILE_BLOCKS)
 
+    def before(self, lblk: int) -> tuple[int, int, int] | None:
+        """The extent with the highest logical start below ``lblk``, or None (walking a
+        map backwards: each call is one descent)."""
+        return self._seek_le(lblk - 1) if lblk > 0 else None
+
     def extents(self, lblk: int = 0) -> Iterator[tuple[int, int, int]]:
         """All extents ending after ``lblk``, ascending, as (lblk, phys, n)."""
         return self._scan(lblk)

@@ -12,8 +12,10 @@ transaction is checkpointed.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .bitmap import BPB
 from .extents import MAX_FILE_BLOCKS, ExtentMap
 from .inode import Inode
 from .metastore import BLOCK_SIZE
@@ -176,9 +178,13 @@ class FileData:
 
     # -- truncating -------------------------------------------------------------------------
 
-    def truncate(self, size: int) -> None:
+    def truncate(self, size: int, release: Callable[[int], None] | None = None) -> None:
         """Set the file size; blocks wholly past the new end are freed.  Growing zeroes the
-        old last block past the old end (it may hold bytes an earlier truncate cut off)."""
+        old last block past the old end (it may hold bytes an earlier truncate cut off).
+
+        Shrinking sets the size first, then frees the blocks from the first logical block
+        past it on: all at once, or through ``release(keep)`` (the filesystem's release in
+        steps, which may commit between steps: the new size is then already there)."""
         if size < 0:
             raise FsError(errno.EINVAL)
         if size > MAX_FILE_SIZE:
@@ -186,7 +192,11 @@ class FileData:
         old = self.inode.size
         if size < old:
             keep = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
-            self.free_runs(self.emap.punch(keep, None))
+            self.inode.size = size
+            if release is None:
+                self.free_runs(self.emap.punch(keep, None))
+            else:
+                release(keep)
         elif size > old and old % BLOCK_SIZE:
             # Growing: what lies past the old EOF in its block must read as zeros.
             self._zero_tail(old)
@@ -218,3 +228,40 @@ class FileData:
     def destroy(self) -> None:
         """Free every data block and extent-tree node of the inode."""
         self.free_runs(self.emap.destroy())
+
+    def mapped_from(self, keep: int) -> bool:
+        """Whether any block at or after logical block ``keep`` is mapped."""
+        e = self.emap.last()
+        return e is not None and e[0] + e[2] > keep
+
+    def release_step(self, keep: int, groups: int) -> bool:
+        """Free one step of the blocks mapped at or after logical block ``keep``: the last
+        extents of the file (the last one possibly in part) whose blocks lie in at most
+        ``groups`` bitmap groups, counting at least one per extent, so that the step
+        dirties a bounded number of bitmap and tree blocks.  Returns True when nothing is
+        mapped at or after ``keep`` any more.
+
+        Steps go from the end of the file backwards, each a truncation of the map
+        (``punch`` to the end): a step never splits an extent in two, so it never
+        allocates, and whatever is still mapped past ``keep`` after a crash is one
+        contiguous tail for the next release to finish."""
+        e = self.emap.last()
+        cost = 0
+        cut = -1
+        while e is not None and e[0] + e[2] > keep:
+            lb, p, n = e
+            lo = max(lb, keep)
+            first_g, last_g = (p + lo - lb) // BPB, (p + n - 1) // BPB
+            c = last_g - first_g + 1
+            if cost + c > groups:
+                room = groups - cost
+                if room > 0:  # this extent's last ``room`` groups
+                    cut = lb + (last_g - room + 1) * BPB - p
+                self.free_runs(self.emap.punch(cut, None))
+                return False
+            cost += c
+            cut = lo
+            e = self.emap.before(lb)
+        if cut >= 0:
+            self.free_runs(self.emap.punch(cut, None))
+        return True

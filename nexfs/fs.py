@@ -127,6 +127,9 @@ class FileSystem:
         self.acl = acl
         self.inodes = InodeCache(store)
         self._refs: dict[int, int] = {}
+        # Orphan list: the predecessor of every inode on it (0 = the head), built at first
+        # use by one walk of the list; see _orphan_links.
+        self._orphan_prev: dict[int, int] | None = None
         self._error_at_open = store.error  # a volume opened read-only because marked ERROR
         self._inodes_valid_for = store.error  # see _after_failure
 
@@ -226,6 +229,7 @@ class FileSystem:
             # last commit may point at blocks that never reached the disk.  Read them again.
             self._inodes_valid_for = self.store.error
             self.inodes.clear()
+            self._orphan_prev = None
 
     def _make_root(self) -> None:
         now = _now()
@@ -784,23 +788,75 @@ class FileSystem:
         except FsError:
             return
         if inode.nlink == 0:
-            self._orphan_remove(inode)
             self._free_inode(inode)
 
     def _free_inode(self, inode: Inode) -> None:
+        """Free an inode with no name left and everything it owns; an orphan leaves the
+        list last, with the inode itself (its data may take several transactions)."""
         if inode.is_reg or (inode.is_symlink and not inode.flags & INODE_FLAG_INLINE):
-            self._data(inode).destroy()
+            self.release_data(inode, 0)
+            self._data(inode).destroy()  # the emptied map (and nothing else) is reset
         elif inode.is_dir:
             self._dir(inode).destroy()
         if inode.xattr_root:
             self._xattrs(inode).destroy()
+        self._orphan_remove(inode)
         self.inodes.forget(inode.ino)
         self.store.free_inode(InodeNo(inode.ino))
 
+    def release_data(self, inode: Inode, keep: int, *, protect: bool = True) -> None:
+        """Free the data blocks of ``inode`` (a regular file or long symlink) mapped at or
+        after logical block ``keep``, in steps that each fit in a transaction, committing
+        between them when the running transaction is full.
+
+        A delete or truncate of a file spanning more bitmap groups than a transaction can
+        dirty takes several transactions.  Before the first intermediate commit the inode
+        goes on the orphan list (unless it is on it already), and it leaves it after the
+        last step, so a crash in between leaves a consistent volume whose mount (or fsck)
+        finishes the job: an orphan with no links is freed, one with links is truncated to
+        its size, which is already the new one.  ``protect=False`` (fsck's repair, which a
+        second run finishes instead) skips the orphan list.  Changes of the operation made
+        before the call are committed with the first step, so they must be complete."""
+        data = self._data(inode)
+        store = self.store
+        added = False
+        while data.mapped_from(keep):
+            if not store.room_for_free_step():
+                if protect and not inode.flags & INODE_FLAG_ORPHAN:
+                    self._orphan_add(inode)
+                    added = True
+                self._dirty(inode)
+                self.inodes.flush()
+                store.commit(durable=False)
+            data.release_step(keep, store.free_step_groups())
+        if added:
+            self._orphan_remove(inode)
+
+    def _orphan_links(self) -> dict[int, int]:
+        """The predecessor of every inode on the orphan list (0 for the head): built by one
+        walk of the on-disk list at first use, then kept up to date by _orphan_add and
+        _orphan_remove, so that taking an inode off the singly linked list is O(1) (the
+        walk for its predecessor made releasing n open-unlinked files O(n^2))."""
+        prev = self._orphan_prev
+        if prev is None:
+            prev = {}
+            before, ino = 0, self.store.state.orphan_head
+            while ino:
+                if ino in prev:
+                    raise CorruptionError(0, "orphan list", f"loop at inode {ino}")
+                prev[ino] = before
+                before, ino = ino, self.inodes.get(ino).orphan_next
+            self._orphan_prev = prev
+        return prev
+
     def _orphan_add(self, inode: Inode) -> None:
+        links = self._orphan_links()
         state = self.store.state
         inode.flags |= INODE_FLAG_ORPHAN
         inode.orphan_next = state.orphan_head
+        if state.orphan_head:
+            links[state.orphan_head] = inode.ino
+        links[inode.ino] = 0
         state.orphan_head = inode.ino
         self.store.dirty(state)
         self._dirty(inode)
@@ -808,44 +864,47 @@ class FileSystem:
     def _orphan_remove(self, inode: Inode) -> None:
         if not inode.flags & INODE_FLAG_ORPHAN:
             return
-        state = self.store.state
-        if state.orphan_head == inode.ino:
-            state.orphan_head = inode.orphan_next
-            self.store.dirty(state)
+        links = self._orphan_links()
+        before = links.pop(inode.ino, None)
+        if before is None:
+            raise CorruptionError(0, "orphan list", f"inode {inode.ino} is flagged as an "
+                                  "orphan but not on the list")
+        after = inode.orphan_next
+        if before == 0:
+            self.store.state.orphan_head = after
+            self.store.dirty(self.store.state)
         else:
-            prev = self.inodes.get(state.orphan_head)
-            hops = 0
-            while prev.orphan_next and prev.orphan_next != inode.ino:
-                prev = self.inodes.get(prev.orphan_next)
-                hops += 1
-                if hops > self.store.geo.ninodes:
-                    raise CorruptionError(0, "orphan list", "loop")
-            prev.orphan_next = inode.orphan_next
+            prev = self.inodes.get(before)
+            prev.orphan_next = after
             self._dirty(prev)
+        if after:
+            links[after] = before
         inode.orphan_next = 0
         inode.flags &= ~INODE_FLAG_ORPHAN
         self._dirty(inode)
 
     @_mutating
     def _process_orphans(self) -> None:
-        """Free the inodes that were unlinked while in use when the volume went down."""
+        """Finish what a crash interrupted: free the inodes that were unlinked while in use
+        (or whose delete was under way), and truncate those whose truncate was under way to
+        their size.  Each stays at the head of the list until its blocks are gone, so a
+        crash here is finished by the next mount."""
         state = self.store.state
         count = 0
         while state.orphan_head:
             inode = self.inodes.get(state.orphan_head)
-            state.orphan_head = inode.orphan_next
-            self.store.dirty(state)
-            inode.orphan_next = 0
-            inode.flags &= ~INODE_FLAG_ORPHAN
+            inode.flags |= INODE_FLAG_ORPHAN  # it is on the list, whatever its flag says
             if inode.nlink == 0:
                 self._free_inode(inode)
             else:
-                self._dirty(inode)
+                if inode.is_reg:
+                    self.release_data(inode, -(-inode.size // BLOCK_SIZE))
+                self._orphan_remove(inode)
             count += 1
             if count > self.store.geo.ninodes:
                 raise CorruptionError(0, "orphan list", "loop")
         if count:
-            log.info("freed %d orphaned inode(s)", count)
+            log.info("finished %d interrupted deletion(s) or truncation(s)", count)
 
     # -- attributes -------------------------------------------------------------------------
 
@@ -890,7 +949,8 @@ class FileSystem:
         if changes.size is not None:
             self.store.reserve(self._data(inode).emap.worst_case_new_blocks(1))
             try:
-                self._data(inode).truncate(changes.size)
+                self._data(inode).truncate(
+                    changes.size, lambda keep: self.release_data(inode, keep))
             finally:
                 self.store.release_reservation()
             inode.mtime_ns = now

@@ -69,9 +69,7 @@ def rewrite_bitmap(store: Store, bitmap: Bitmap, used: dict[int, int]) -> int:
             entries[i] = free
         sblk = BlockNo(bitmap.summary_start + s)
         store.put_new(SummaryBlock(sblk, bitmap.summary_magic, s, entries))
-    bitmap.pending.clear()
-    bitmap.pending_new.clear()
-    bitmap.pending_count = 0
+    bitmap.reset()
     return total_free
 
 
@@ -140,8 +138,7 @@ class Repairer:
                     inode.blocks -= n
                 if info.past_eof:
                     self.say(f"inode {ino}: freeing blocks past the end of the file")
-                    keep = -(-inode.size // BLOCK_SIZE)
-                    data.free_runs(data.emap.punch(keep, None))
+                    fs.release_data(inode, -(-inode.size // BLOCK_SIZE), protect=False)
             elif info.tree_damage:
                 self.say(f"inode {ino}: bad symlink; clearing it")
                 inode.size = 0
@@ -206,6 +203,13 @@ class Repairer:
 
     def orphans(self) -> None:
         fs = self.fs
+        # Unfinished deletions first, in steps that may commit (a file can span more groups
+        # than a transaction holds): the inodes keep their flag meanwhile, so a crash here
+        # leaves them for the next run.  Then the list is emptied and the inodes freed.
+        for ino in self.found.orphans:
+            inode = fs.inodes.get(ino)
+            if inode.is_reg or (inode.is_symlink and not inode.flags & INODE_FLAG_INLINE):
+                fs.release_data(inode, 0, protect=False)
         state = self.store.state
         if state.orphan_head:
             state.orphan_head = 0
