@@ -626,14 +626,17 @@ class Store:
         if self.read_only:
             self._overlay = {h: bytes(v) for h, v in latest.items()}
             return
-        if latest:
-            fills = [(h, copy_filler(v)) for h, v in latest.items()]
-            write_runs(self.bdev, fills, durable=True)
         if not self.sb.state & STATE_CLEAN:
             # Stale transactions of the lost timeline may lie past the point where replay
             # stopped: never hand out a tid one of them carries (journal.restart_tid).
             tid = restart_tid(self.sb.journal_tid, tid, g.journal_len)
+            if tid >= 1 << 63:  # what the superblock can record (layout.Superblock.decode)
+                raise CorruptionError(0, "superblock", f"journal tid {self.sb.journal_tid} "
+                                                       "leaves no room for a new timeline")
             self.journal.next_tid = tid
+        if latest:
+            fills = [(h, copy_filler(v)) for h, v in latest.items()]
+            write_runs(self.bdev, fills, durable=True)
         # The superblock naming the new journal start is written by open() (it marks DIRTY
         # in the same write) before any transaction; until then a crash replays again.
         self.sb.journal_tid = tid

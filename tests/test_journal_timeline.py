@@ -12,14 +12,18 @@ lost timeline, with a valid checksum and the next tid — was replayed after it.
 
 from __future__ import annotations
 
+import pytest
 from fsutil import ROOT
 from memdev import MemDevice
 
 from nexfs.checker import Scan, scan
 from nexfs.fs import ROOT_INO, FileSystem
+from nexfs.layout import STATE_DIRTY
 from nexfs.metastore import BLOCK_SIZE, HEADER, seal_block
 from nexfs.repair import Repairer
 from nexfs.store import Store
+from nexfs.types import CorruptionError
+from nexfs.volume import write_superblock
 
 
 def _fresh() -> MemDevice:
@@ -175,3 +179,30 @@ def test_fsck_timeline_check_covers_state_and_bitmaps() -> None:
         fs.close()
     assert found.wrong_timeline == [1, geo.bsummary_start, geo.ibitmap_start], found.problems
     assert len(found.problems) == 3
+    store = Store.open(dev)  # fsck -y
+    try:
+        Repairer(store, scan(store), lambda _m: None).run()
+    finally:
+        store.close()
+    fs = FileSystem.open(dev, read_only=True)
+    try:
+        assert scan(fs.store).clean
+    finally:
+        fs.close()
+
+
+def test_no_room_for_a_new_timeline_is_refused_not_written() -> None:
+    """A superblock whose journal tid is at the end of its range (a hostile image): the
+    restarted sequence could not be recorded, so a writable open refuses it, writing
+    nothing, instead of leaving a superblock no later open accepts."""
+    dev = _fresh()
+    store = Store.open(dev)
+    store.sb.journal_tid = (1 << 63) - 2
+    store.sb.state = STATE_DIRTY
+    write_superblock(store.bdev, store.sb)
+    store.abort()
+    before = dict(dev.sectors)
+    with pytest.raises(CorruptionError, match="no room for a new timeline"):
+        Store.open(dev)
+    assert dev.sectors == before
+    Store.open(dev, read_only=True).close()
