@@ -54,7 +54,7 @@ def _ops(w: Workload, rng: random.Random, held: list[int]) -> Callable[[], objec
     fs = w.fs
     path = rng.choice(NAMES)
     kind = rng.choice(["create", "create", "write", "write", "setxattr", "unlink",
-                       "rename", "open-unlink", "truncate"])
+                       "rename", "open-unlink", "open-unlink", "truncate"])
 
     def in_parent(fn: Callable[[int, bytes], object]) -> Callable[[], object]:
         def run() -> object:
