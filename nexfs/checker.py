@@ -558,7 +558,6 @@ class _Scanner:
                              f"{total_ifree}")
             self.out.counts_wrong = True
 
-
     # -- pass 6: one timeline ---------------------------------------------------------------
 
     def pass6(self) -> None:
@@ -576,8 +575,9 @@ class _Scanner:
         last = store.committed_tid
         blocks: list[tuple[int, str]] = [(1, "state block")]
         for bitmap in (store.blocks, store.inodes):
-            blocks.extend((b, f"{bitmap.name} bitmap summary") for b in range(
-                bitmap.summary_start, bitmap.summary_start + -(-bitmap.ngroups // SUMMARY_ENTRIES)))
+            nsummary = -(-bitmap.ngroups // SUMMARY_ENTRIES)
+            blocks.extend((b, f"{bitmap.name} bitmap summary")
+                          for b in range(bitmap.summary_start, bitmap.summary_start + nsummary))
             for g in range(bitmap.ngroups):
                 try:
                     if bitmap.summary_entry(g) & UNINIT:
