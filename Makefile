@@ -40,10 +40,11 @@ test: venv lint
 run: venv
 	$(PY) mount.py
 
-# The long reliability run (docs/RELIABILITY.md): >50,000 crash states, 6,000 hostile
-# images, then 10 minutes of fuzzing the valve.
+# The long reliability run (docs/RELIABILITY.md): >50,000 crash states, >20,000 double-crash
+# states, 6,000 hostile images, then 10 minutes of fuzzing the valve.
 long: venv
-	NEXFS_LONG=1 $(VENV)/bin/pytest -q -s tests/test_crash_explore.py tests/test_hostile.py \
+	NEXFS_LONG=1 $(VENV)/bin/pytest -q -s tests/test_crash_explore.py tests/test_crash_double.py \
+	  tests/test_hostile.py tests/test_scale.py tests/test_mount_posix.py \
 	  tests/test_mount_export.py tests/test_mount_acl.py
 	$(PY) -m pip install -q atheris
 	mkdir -p /tmp/nexfs-fuzz-corpus

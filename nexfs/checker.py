@@ -24,7 +24,8 @@ from .dirindex import _leaf_check as dir_leaf_check
 from .extents import AREA_HEADER, MAX_FILE_BLOCKS, TREE_VALUE, ExtentMap
 from .fs import ROOT_INO, SYMLINK_MAX
 from .inode import DATA_AREA_SIZE, DIR_ROOT, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
-from .metastore import BLOCK_SIZE, MetaBlock
+from .layout import SUMMARY_ENTRIES
+from .metastore import BLOCK_SIZE, HEADER, MetaBlock
 from .store import Store
 from .types import BlockNo, CorruptionError, FsError, InodeNo
 from .volume import superblock_copies
@@ -43,10 +44,17 @@ class Tracker:
         self.volume_seed = store.volume_seed
         self.nblocks = store.geo.nblocks
         self.seen: list[int] = []
+        self.tids: dict[int, int] = {}  # header tid of each block decoded here (pass 6)
 
     def get(self, blkno: BlockNo, decode: Callable[[BlockNo, memoryview], M]) -> M:
         self.seen.append(blkno)
-        return self.store.get(blkno, decode)
+
+        def decode_noting_tid(b: BlockNo, raw: memoryview) -> M:
+            block = decode(b, raw)  # validates the header first
+            self.tids[b] = HEADER.unpack_from(raw, 0)[4]
+            return block
+
+        return self.store.get(blkno, decode_noting_tid)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
@@ -99,6 +107,7 @@ class Scan:
     counts_wrong: bool = False
     root_missing: bool = False  # inode 1 is not a valid directory: the repair recreates it
     max_generation: int = 0
+    wrong_timeline: list[int] = field(default_factory=list)  # blocks with a tid too new
 
     def problem(self, message: str) -> None:
         self.problems.append(message)
@@ -161,6 +170,7 @@ class _Scanner:
         self.hash_key = store.sb.hash_key
         self._owner: dict[int, int] = {}  # first block of a claimed run -> ino (conflicts)
         self._claim_log: list[tuple[int, int]] | None = None  # see _inode (symlinks)
+        self._tids: dict[int, int] = {}  # header tids seen by the trees' trackers (pass 6)
 
     # -- block accounting -------------------------------------------------------------------
 
@@ -308,6 +318,7 @@ class _Scanner:
             if emap is not None and not emap.is_inline:
                 info.runs = self._salvage_extents(emap, ino, inode.area)
         info.tree_blocks = [] if info.tree_damage else sorted(set(tracker.seen))
+        self._tids.update(tracker.tids)
         kept = []
         for lblk, phys, n in info.runs:
             if self._claim(phys, n):
@@ -374,6 +385,7 @@ class _Scanner:
                     continue
                 info.entries.append((cookie, name, child, dtype))
         info.tree_blocks = [] if info.tree_damage else sorted(set(tracker.seen))
+        self._tids.update(tracker.tids)
 
     def _xattrs(self, info: InodeInfo) -> None:
         tracker = Tracker(self.store)
@@ -385,6 +397,7 @@ class _Scanner:
             self.out.problem(f"inode {info.ino}: extended attributes: {exc}")
             info.xattr_damage = str(exc)
         info.xattr_blocks = [] if info.xattr_damage else sorted(set(tracker.seen))
+        self._tids.update(tracker.tids)
 
     # -- pass 2 and 3: directory structure and connectivity ---------------------------------
 
@@ -555,6 +568,49 @@ class _Scanner:
                              f"{total_ifree}")
             self.out.counts_wrong = True
 
+    # -- pass 6: one timeline ---------------------------------------------------------------
+
+    def pass6(self) -> None:
+        """Every metadata block was written by a transaction of this volume's history.
+
+        Each block's header records the tid of the transaction that wrote it.  Replay and
+        checkpoints only ever bring home images of committed transactions, and a recovery
+        restarts the tid sequence above every tid the journal can hold, so a tid newer than
+        the last committed one can only come from a transaction that never committed, or
+        from another timeline: a journal replayed past a lost commit into stale
+        transactions, or a block copied from another image of the volume.  (Inode table
+        blocks have no header, and a tree block whose content is damaged is reported
+        where it was read.)"""
+        store = self.store
+        last = store.committed_tid
+        blocks: list[tuple[int, str]] = [(1, "state block")]
+        for bitmap in (store.blocks, store.inodes):
+            nsummary = -(-bitmap.ngroups // SUMMARY_ENTRIES)
+            blocks.extend((b, f"{bitmap.name} bitmap summary")
+                          for b in range(bitmap.summary_start, bitmap.summary_start + nsummary))
+            for g in range(bitmap.ngroups):
+                try:
+                    if bitmap.summary_entry(g) & UNINIT:
+                        continue  # never written
+                except CorruptionError:
+                    pass  # reported in pass 1/5; the bitmap block itself may still tell
+                blocks.append((bitmap.bitmap_start + g, f"{bitmap.name} bitmap group {g}"))
+        for ino, info in self.out.inodes.items():
+            blocks.extend((b, f"tree of inode {ino}") for b in info.tree_blocks)
+            blocks.extend((b, f"attributes of inode {ino}") for b in info.xattr_blocks)
+        for blkno, what in blocks:
+            tid = self._tids.get(blkno)
+            if tid is None:
+                try:
+                    tid = store.block_tid(BlockNo(blkno))
+                except (CorruptionError, OSError):
+                    continue
+            if tid is not None and tid > last:
+                self.out.problem(f"block {blkno} ({what}): written by tid {tid}, newer than "
+                                 f"the last committed tid {last}: it belongs to another "
+                                 "timeline of the volume")
+                self.out.wrong_timeline.append(blkno)
+
 
 def superblock_problems(bdev: BlockDev) -> list[str]:
     """The superblock copies that cannot be used, as problems: undecodable, with a UUID that
@@ -583,4 +639,5 @@ def scan(store: Store, progress: Callable[[str], None] | None = None) -> Scan:
         scanner.pass3()
         scanner.pass4()
         scanner.pass5()
+        scanner.pass6()
     return scanner.out

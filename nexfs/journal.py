@@ -12,8 +12,10 @@ starts at the first journal block and carries the tid recorded in the superblock
 (``journal_tid``); each following one starts right after its predecessor with the next tid.
 Replay stops at the first position that does not hold a complete, valid transaction with the
 expected tid, so a torn or partial transaction, or a stale one from before the last
-checkpoint, is never applied.  No escaping is needed: only positions reached by following the
-size fields are ever interpreted.
+checkpoint, is never applied.  After an unclean stop the tid sequence restarts above every
+tid the journal can still hold (:func:`restart_tid`), so a transaction of a lost timeline,
+left behind the point where replay stopped, can never be taken for a new one.  No escaping
+is needed: only positions reached by following the size fields are ever interpreted.
 
 This module knows the format and does the I/O; *when* to commit and checkpoint is the
 store's business (nexfs/store.py).
@@ -50,6 +52,30 @@ def ndesc_for(nimages: int) -> int:
 def txn_blocks(nimages: int) -> int:
     """Journal blocks a transaction of ``nimages`` images occupies."""
     return ndesc_for(nimages) + nimages + 1
+
+
+def max_txns(journal_len: int) -> int:
+    """The most transactions a journal of ``journal_len`` blocks can hold at once: each takes
+    at least 3 blocks (a descriptor, an image, a commit block) and none is ever overwritten
+    before the next checkpoint."""
+    return journal_len // txn_blocks(1)
+
+
+def restart_tid(first_tid: int, replay_end: int, journal_len: int) -> int:
+    """The first tid to hand out after recovering from an unclean stop.
+
+    The journal may still hold readable transactions of the lost timeline *after* the point
+    where replay stopped: commits are written without a barrier between them, so a later
+    one can reach the disk while an earlier one does not.  A new transaction reusing one of
+    their tids could end exactly where such a stale one begins, and the next replay would
+    apply it.  Every tid any readable journal block can carry is below ``first_tid +
+    max_txns(journal_len)`` (tids of earlier timelines are below ``first_tid``, by
+    induction: each recovery and each checkpoint restarts above them), so starting there
+    means no tid is reused while a block carrying it can still be read.  jbd2 skips one
+    tid (``++info.end_transaction``) because its commits are ordered by a flush; ours are
+    not, so we skip the journal's whole capacity.
+    """
+    return max(replay_end, first_tid + max_txns(journal_len))
 
 
 def max_images(journal_len: int) -> int:

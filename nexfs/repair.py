@@ -83,6 +83,7 @@ class Repairer:
         self.fs = FileSystem(store)
 
     def run(self) -> None:
+        self.timeline()
         self.allocation()
         self.bad_inodes()
         self.damaged_trees()
@@ -92,6 +93,14 @@ class Repairer:
         self.reconnect()
         self.fs.inodes.flush()
         self.store.commit(durable=True)
+
+    def timeline(self) -> None:
+        """Blocks stamped with a tid newer than the last commit: their content passed every
+        other check, so they are kept and written again under a tid of this history (a
+        later step that rewrites or frees one of them simply takes over)."""
+        for blkno in self.found.wrong_timeline:
+            self.say(f"block {blkno}: rewriting it under the current transaction")
+            self.store.restamp(BlockNo(blkno))
 
     def allocation(self) -> None:
         found, store = self.found, self.store

@@ -35,13 +35,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
+from . import checksum
 from .bitmap import BPB, Bitmap
 from .blockdev import BlockDev, BlockDevice, Filler, copy_filler, write_runs
 from .cache import BlockCache
 from .datacache import DEFAULT_BLOCKS as DEFAULT_DATA_CACHE_BLOCKS
 from .datacache import DataCache
 from .itable import InodeTableBlock, first_inode_of, locate
-from .journal import Journal, max_images, scan
+from .journal import Journal, max_images, restart_tid, scan
 from .layout import (
     FEATURE_INCOMPAT_SUPPORTED,
     FEATURE_RO_COMPAT_SUPPORTED,
@@ -58,12 +59,15 @@ from .layout import (
 )
 from .metastore import (
     BLOCK_SIZE,
+    CRC_OFFSET,
+    HEADER,
     MAGIC_BITMAP,
     MAGIC_IBITMAP,
     MAGIC_ISUMMARY,
     MAGIC_SUMMARY,
     M,
     MetaBlock,
+    seal_block,
 )
 from .types import BlockNo, CorruptionError, FsError, InodeNo
 from .volume import Progress, format_volume, read_superblock, write_superblock
@@ -111,6 +115,23 @@ class StatFs:
     total_inodes: int
     free_inodes: int
     avail_inodes: int
+
+
+class _Restamped(MetaBlock):
+    """A committed block's bytes going through the journal again, with the new tid (never
+    cached: a later get() decodes the committed image, a dirty() replaces this one)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, blkno: BlockNo, raw: bytes) -> None:
+        super().__init__(blkno)
+        self.raw = raw
+
+    def encode(self, out: memoryview, volume_seed: int, tid: int) -> None:
+        out[:] = self.raw
+        _magic, _crc, self_no, owner, _tid = HEADER.unpack_from(out, 0)
+        HEADER.pack_into(out, 0, _magic, 0, self_no, owner, tid)
+        seal_block(out, volume_seed, self.blkno)
 
 
 class Reservation:
@@ -415,6 +436,30 @@ class Store:
             return self.bdev.read_blocks(self.geo.journal_start + ck[0], 1)
         return self.bdev.read_blocks(blkno, 1)
 
+    def block_tid(self, blkno: BlockNo) -> int | None:
+        """fsck: the tid in the common header of metadata block ``blkno`` as committed
+        (replay overlay, journal copy or home), or None when it holds no block of this
+        volume sealed for that number (never written, or damage reported elsewhere)."""
+        self._check_meta(blkno, "metadata block")
+        raw = self._read_raw(blkno)
+        if not checksum.verify(raw, CRC_OFFSET, self.volume_seed, blkno):
+            return None
+        _magic, _crc, self_no, _owner, tid = HEADER.unpack_from(raw, 0)
+        return tid if self_no == blkno else None
+
+    @_guarded
+    def restamp(self, blkno: BlockNo) -> None:
+        """fsck -y: rewrite committed metadata block ``blkno`` unchanged through the
+        journal, so that its header carries the tid of a transaction of this volume's
+        history (see checker: blocks from another timeline)."""
+        self._check_writable()
+        self._check_meta(blkno, "metadata block")
+        obj = self._state if blkno == STATE_BLOCK else self._cache.peek(blkno)
+        if obj is not None:
+            self.dirty(obj)
+        elif blkno not in self._running:
+            self._join(_Restamped(blkno, bytes(self._read_raw(blkno))))
+
     @_guarded
     def get(self, blkno: BlockNo, decode: Callable[[BlockNo, memoryview], M]) -> M:
         """Cached decoded block, or read + decode (which validates) + cache it."""
@@ -623,19 +668,27 @@ class Store:
                 latest[h] = txn.image(i)
             count += 1
             tid = txn.tid + 1
-        if not count:
-            return
-        log.info("journal replay: %d transaction(s), tids %d..%d, %d blocks",
-                 count, self.sb.journal_tid, tid - 1, len(latest))
+        if count:
+            log.info("journal replay: %d transaction(s), tids %d..%d, %d blocks",
+                     count, self.sb.journal_tid, tid - 1, len(latest))
         self.journal.next_tid = tid
         self.committed_tid = self.durable_tid = tid - 1
         if self.read_only:
             self._overlay = {h: bytes(v) for h, v in latest.items()}
             return
-        fills = [(h, copy_filler(v)) for h, v in latest.items()]
-        write_runs(self.bdev, fills, durable=True)
+        if not self.sb.state & STATE_CLEAN:
+            # Stale transactions of the lost timeline may lie past the point where replay
+            # stopped: never hand out a tid one of them carries (journal.restart_tid).
+            tid = restart_tid(self.sb.journal_tid, tid, g.journal_len)
+            if tid >= 1 << 63:  # what the superblock can record (layout.Superblock.decode)
+                raise CorruptionError(0, "superblock", f"journal tid {self.sb.journal_tid} "
+                                                       "leaves no room for a new timeline")
+            self.journal.next_tid = tid
+        if latest:
+            fills = [(h, copy_filler(v)) for h, v in latest.items()]
+            write_runs(self.bdev, fills, durable=True)
         # The superblock naming the new journal start is written by open() (it marks DIRTY
-        # in the same write); until then a crash simply replays again.
+        # in the same write) before any transaction; until then a crash replays again.
         self.sb.journal_tid = tid
 
     def _load_state(self) -> StateBlock:

@@ -122,3 +122,40 @@ def crash_states(log: list[LogEntry], base_image: MemDevice | bytes, *,
             for i, s in enumerate(secs):
                 durable[lba + i] = s
         done_marks = issued
+
+
+def write_prefixes(log: list[LogEntry], base_image: MemDevice, *, until: Any = None,
+                   rng: random.Random | None = None) -> Iterator[CrashState]:
+    """A crash after every write of ``log`` (up to the first mark equal to ``until``): the
+    writes before it all kept, in issue order (a prefix is always a possible crash state),
+    and that write itself lost, or kept, or torn when ``rng`` is given and it has several
+    sectors.  This is "interrupted at every write", where :func:`crash_states` samples.
+    """
+    total, ss = base_image.total_sectors, base_image.sector_size
+    image = dict(base_image.sectors)
+    epoch = 0
+    marks: list[Any] = []
+    durable_marks: list[Any] = []
+    n = 0
+    for e in log:
+        if e.op == "mark":
+            if until is not None and e.label == until:
+                return
+            marks.append(e.label)
+            continue
+        if e.op == "barrier":
+            epoch += 1
+            durable_marks = list(marks)
+            continue
+        yield CrashState(epoch, f"prefix {n}", MemDevice(total, ss, sectors=image),
+                         list(durable_marks), list(marks))
+        if rng is not None and len(e.sectors) > 1:
+            torn = dict(image)
+            for i, s in enumerate(e.sectors):
+                if rng.random() < 0.5:
+                    torn[e.lba + i] = s
+            yield CrashState(epoch, f"prefix {n} torn", MemDevice(total, ss, sectors=torn),
+                             list(durable_marks), list(marks))
+        for i, s in enumerate(e.sectors):
+            image[e.lba + i] = s
+        n += 1
