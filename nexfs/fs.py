@@ -71,8 +71,9 @@ def _now() -> int:
 
 
 def _mutating(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap an operation that changes the volume: refuse on a read-only volume, write the
-    touched inodes back afterwards, and turn an error in the middle into read-only mode."""
+    """Wrap an operation that changes the volume: refuse on a read-only volume, give it its
+    one reservation scope (nexfs/store.py, ``operation``), write the touched inodes back
+    afterwards, and turn an error in the middle into read-only mode."""
 
     @functools.wraps(fn)
     def wrapper(self: FileSystem, *args: Any, **kwargs: Any) -> T:
@@ -80,8 +81,11 @@ def _mutating(fn: Callable[..., T]) -> Callable[..., T]:
             raise FsError(errno.EROFS)
         mark = self.store.change_count()
         try:
-            result = fn(self, *args, **kwargs)
-            self.inodes.flush()
+            # One reservation per operation: taken by its reserve() call before anything
+            # changes; every allocation inside, at any layer, draws from it.
+            with self.store.operation():
+                result = fn(self, *args, **kwargs)
+                self.inodes.flush()
         except BaseException as exc:
             self._after_failure(exc, changed=self.store.change_count() != mark
                                 or self.inodes.has_dirty())
@@ -430,7 +434,10 @@ class FileSystem:
         if b"\0" in target:
             raise FsError(errno.EINVAL)
         inline = len(target) <= DATA_AREA_SIZE
-        extra = 0 if inline else 1 + 4
+        # A long target is written like file data into a new inode: its data block (the
+        # empty extent map holds the one extent inline).  Reserved with the directory entry
+        # in the operation's one reservation, which the data write draws from.
+        extra = 0 if inline else -(-len(target) // BLOCK_SIZE)
         inode = self._create_node(parent, name, stat.S_IFLNK | 0o777, ctx,
                                   extra_blocks=extra)
         if inline:
@@ -438,11 +445,7 @@ class FileSystem:
             inode.area[: len(target)] = target
             inode.size = len(target)
         else:
-            self.store.reserve(extra)
-            try:
-                self._data(inode).write(0, target)
-            finally:
-                self.store.release_reservation()
+            self._data(inode).write(0, target)
         self._dirty(inode)
         return self._attr(inode)
 
@@ -787,7 +790,9 @@ class FileSystem:
         if changes.size is not None and changes.size > inode.size:
             pass  # growing needs no space: the new range is a hole
         if changes.size is not None:
-            self.store.reserve(self._data(inode).emap.worst_case_new_blocks(1))
+            # Neither way allocates: growing leaves a hole, and cutting to the end only
+            # shortens or drops extents (never splits one into two).
+            self.store.reserve(0)
             try:
                 self._data(inode).truncate(changes.size)
             finally:
