@@ -13,8 +13,11 @@ after which the journal starts over.  See docs/DESIGN.md for the crash model.
 Rules for callers (the concurrency invariant of metastore.py applies):
 
 * call ``dirty(block)`` right after changing a block, before any other store call;
-* an operation starts with ``reserve(...)`` for its worst case, so it never fails half-way
-  with ENOSPC, and does not commit in its middle;
+* an operation runs in ``operation()`` and takes its one reservation with ``reserve(...)``
+  for its worst case before it changes anything, so it never fails half-way with ENOSPC;
+  lower layers' nested ``reserve`` calls draw from it, and an allocation beyond it raises
+  ReservationError (a wrong worst case is a bug, never a silent overdraw); it does not
+  commit in its middle;
 * keep a transaction below ``max_txn_blocks``: check ``should_commit()`` between operations
   and split huge operations (e.g. truncating a huge file) into several.
 
