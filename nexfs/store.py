@@ -123,9 +123,10 @@ class ReservationError(RuntimeError):
 class Reservation:
     """The space one operation may allocate: ``blocks`` and ``inodes`` still reserved and
     not yet allocated.  There is at most one per store (``Store.reservation``); the
-    allocators draw from it.  As a context manager it ends the operation, unless it was
-    handed out by a nested :meth:`Store.reserve` (then leaving it changes nothing: the
-    outer operation still holds the space)."""
+    allocators draw from it.  As a context manager, leaving it releases what is left if
+    :meth:`Store.reserve` took it outside any :meth:`Store.operation`; otherwise leaving it
+    changes nothing (the operation's scope, or the outer reservation, still holds the
+    space)."""
 
     __slots__ = ("_outer", "_store", "blocks", "inodes", "mark", "taken")
 
@@ -634,14 +635,15 @@ class Store:
         reservation with :meth:`reserve` before it changes anything, and every allocation
         inside draws from it (beyond it: :class:`ReservationError`).  What is left is
         released at the end.  Nested scopes belong to the outer operation."""
-        if self._op_depth == 0:
+        created = self._op is None  # (else a reservation taken outside joins it)
+        if created:
             self._op = Reservation(self, outer=False)
         self._op_depth += 1
         try:
             yield cast(Reservation, self._op)
         finally:
             self._op_depth -= 1
-            if self._op_depth == 0:
+            if created:
                 self._op = None
 
     @_guarded
