@@ -204,6 +204,7 @@ class _Scanner:
         self._claim(0, geo.data_start)
         self._claim(geo.backup_sb, 1)
         inodes = self.store.inodes
+        unvouched: list[int] = []
         for g in range(inodes.ngroups):
             try:
                 bits = inodes._bits(g) & ~inodes.tail_mask(g)
@@ -211,16 +212,45 @@ class _Scanner:
                 # exc names the block really damaged: the bitmap block or its summary.
                 self.out.problem(f"inode bitmap group {g}: {exc}")
                 self.out.bitmap_damage.append(f"inode bitmap {g}")
-                bits = self._inodes_from_table(g)
+                unvouched += [g * BPB + off for off in _set_bits(self._inodes_from_table(g))]
+                bits = 0
             for off in _set_bits(bits):
                 ino = g * BPB + off
                 if 1 <= ino <= geo.ninodes:
                     self._inode(ino)
             if g % 64 == 63:
                 self.progress(f"pass 1: inode group {g + 1}/{inodes.ngroups}")
+        if unvouched:
+            self._named_from_table(unvouched)
+
+    def _named_from_table(self, candidates: list[int]) -> None:
+        """Inodes known only from their table slots (their bitmap block is damaged): a slot
+        may hold the stale record of a freed inode (volumes written before freed slots were
+        zeroed), which must not come back to life and claim blocks that now belong to other
+        files.  So such an inode is taken as live only when something live names it — an
+        entry of a live directory, the orphan list, or it is the root — after every inode
+        the bitmap vouches for has claimed its blocks.  The others are cleared."""
+        pending = {ino for ino in candidates if 1 <= ino <= self.geo.ninodes}
+        named = {ROOT_INO, self.store.state.orphan_head}
+        for info in self.out.inodes.values():
+            named.update(child for _c, _n, child, _d in info.entries)
+            named.add(info.inode.orphan_next)
+        while take := sorted(pending & named):
+            for ino in take:
+                pending.discard(ino)
+                self._inode(ino)
+                taken = self.out.inodes.get(ino)
+                if taken is not None:
+                    named.update(child for _c, _n, child, _d in taken.entries)
+                    named.add(taken.inode.orphan_next)
+        for ino in sorted(pending):
+            self.out.problem(f"inode {ino}: its slot holds a record, but no bitmap vouches "
+                             "for it and nothing names it: a stale record of a freed inode")
+            self.out.bad_inodes[ino] = "stale record of a free inode"
 
     def _inodes_from_table(self, g: int) -> int:
-        """The inode bitmap block is unreadable: trust valid, non-free table slots instead."""
+        """The inode bitmap block is unreadable: the valid, non-free table slots of its
+        group, as bits (not trusted yet: see _named_from_table)."""
         bits = 0
         first = max(1, g * BPB)
         last = min((g + 1) * BPB - 1, self.geo.ninodes)

@@ -101,11 +101,10 @@ class FileData:
         if holes:
             # The data blocks, and the tree nodes of one extent insert; each further run the
             # allocator hands back reserves its own insert (see _fill_holes).
-            self.store.reserve(holes + self.emap.worst_case_new_blocks(1))
-            try:
+            # Inside a filesystem operation this is its one reservation, or draws from it
+            # (symlink reserved for its target); see Store.reserve.
+            with self.store.reserve(holes + self.emap.worst_case_new_blocks(1)):
                 runs = self._fill_holes(runs)
-            finally:
-                self.store.release_reservation()
         for lblk, phys, n in runs:
             start = (lblk - first) * BLOCK_SIZE
             self.store.write_data(BlockNo(phys), n, view[start : start + n * BLOCK_SIZE])

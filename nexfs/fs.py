@@ -78,8 +78,9 @@ def _now() -> int:
 
 
 def _mutating(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap an operation that changes the volume: refuse on a read-only volume, write the
-    touched inodes back afterwards, and turn an error in the middle into read-only mode."""
+    """Wrap an operation that changes the volume: refuse on a read-only volume, give it its
+    one reservation scope (nexfs/store.py, ``operation``), write the touched inodes back
+    afterwards, and turn an error in the middle into read-only mode."""
 
     @functools.wraps(fn)
     def wrapper(self: FileSystem, *args: Any, **kwargs: Any) -> T:
@@ -87,8 +88,11 @@ def _mutating(fn: Callable[..., T]) -> Callable[..., T]:
             raise FsError(errno.EROFS)
         mark = self.store.change_count()
         try:
-            result = fn(self, *args, **kwargs)
-            self.inodes.flush()
+            # One reservation per operation: taken by its reserve() call before anything
+            # changes; every allocation inside, at any layer, draws from it.
+            with self.store.operation():
+                result = fn(self, *args, **kwargs)
+                self.inodes.flush()
         except BaseException as exc:
             self._after_failure(exc, changed=self.store.change_count() != mark
                                 or self.inodes.has_dirty())
@@ -396,20 +400,29 @@ class FileSystem:
 
     def _create_node(self, parent_ino: int, name: bytes, mode: int, ctx: Ctx,
                      rdev: int = 0, extra_blocks: int = 0) -> Inode:
-        if stat.S_ISDIR(mode) and self._get_dir(parent_ino).nlink >= LINK_MAX:
+        directory = self._get_dir(parent_ino)
+        if stat.S_ISDIR(mode) and directory.nlink >= LINK_MAX:
             raise FsError(errno.EMLINK)
-        parent = self._prepare_create(parent_ino, name, ctx, extra_blocks)
+        # What a default ACL gives the new inode is known before anything changes, so its
+        # xattrs are part of the operation's one reservation (a full disk is ENOSPC here,
+        # never half a create).
+        default = self._default_acl(directory, mode)
+        access: acls.Acl | None = None
+        values: list[tuple[bytes, bytes]] = []
+        if default is not None:
+            access, mode = acls.inherit(default, mode)
+            values = self._inherited_acl_values(default, access, mode)
+        # The parent's tree holds the same values, so its worst case bounds the new one's.
+        acl_blocks = sum(self._xattrs(directory).worst_case_new_blocks(len(v))
+                         for _n, v in values)
+        parent = self._prepare_create(parent_ino, name, ctx, extra_blocks + acl_blocks)
         try:
-            default = self._default_acl(parent, mode)
-            access: acls.Acl | None = None
-            if default is not None:
-                access, mode = acls.inherit(default, mode)
             uid, gid, mode = perms.initial_owner(parent, mode, ctx)
             now = _now()
             inode = self._new_inode(parent, mode, uid, gid, now)
             inode.rdev = rdev
-            if default is not None and access is not None:
-                self._inherit_acls(parent, inode, default, access)
+            if access is not None and values:
+                self._set_inherited_acls(inode, values, access)
             if inode.is_dir:
                 inode.nlink = 2
                 inode.parent = parent.ino
@@ -420,19 +433,22 @@ class FileSystem:
             self.store.release_reservation()
         return inode
 
-    def _inherit_acls(self, parent: Inode, inode: Inode, default: acls.Acl,
-                      access: acls.Acl) -> None:
-        """Give a new inode its share of the parent's default ACL: the access ACL (unless the
-        mode says it all) and, for a directory, the default ACL itself."""
+    @staticmethod
+    def _inherited_acl_values(default: acls.Acl, access: acls.Acl, mode: int
+                              ) -> list[tuple[bytes, bytes]]:
+        """The xattrs a new inode of ``mode`` gets from its parent's default ACL: the access
+        ACL (unless the mode says it all) and, for a directory, the default ACL itself."""
         values = []
         if not acls.is_minimal(access):
             values.append((acls.ACCESS, acls.encode(access)))
-        if inode.is_dir:
+        if stat.S_ISDIR(mode):
             values.append((acls.DEFAULT, acls.encode(default)))
+        return values
+
+    def _set_inherited_acls(self, inode: Inode, values: list[tuple[bytes, bytes]],
+                            access: acls.Acl) -> None:
+        """Store the inherited ACL xattrs (reserved by the create that calls this)."""
         xattrs = self._xattrs(inode)
-        # The parent's tree holds the same values, so its worst case bounds the new one's.
-        self.store.reserve_more(sum(self._xattrs(parent).worst_case_new_blocks(len(v))
-                                    for _n, v in values))
         for name, value in values:
             xattrs.set(name, value)
         inode.xattr_root = xattrs.root
@@ -518,7 +534,10 @@ class FileSystem:
         if b"\0" in target:
             raise FsError(errno.EINVAL)
         inline = len(target) <= DATA_AREA_SIZE
-        extra = 0 if inline else 1 + 4
+        # A long target is written like file data into a new inode: its data block (the
+        # empty extent map holds the one extent inline).  Reserved with the directory entry
+        # in the operation's one reservation, which the data write draws from.
+        extra = 0 if inline else -(-len(target) // BLOCK_SIZE)
         inode = self._create_node(parent, name, stat.S_IFLNK | 0o777, ctx,
                                   extra_blocks=extra)
         if inline:
@@ -526,11 +545,7 @@ class FileSystem:
             inode.area[: len(target)] = target
             inode.size = len(target)
         else:
-            self.store.reserve(extra)
-            try:
-                self._data(inode).write(0, target)
-            finally:
-                self.store.release_reservation()
+            self._data(inode).write(0, target)
         self._dirty(inode)
         return self._attr(inode)
 
@@ -944,23 +959,23 @@ class FileSystem:
                 raise FsError(errno.EINVAL)
             if not opened_for_write:
                 perms.check(inode, perms.W_OK, ctx, self._access_acl(inode))
-        if changes.size is not None and changes.size > inode.size:
-            pass  # growing needs no space: the new range is a hole
+        # The one reservation of a setattr: a size change never allocates (growing leaves a
+        # hole, cutting to the end only shortens or drops extents), so only the access ACL
+        # that a chmod rewrites can need blocks.
+        new_acl = (self._chmod_acl(inode, self._new_mode(inode, changes.mode, ctx))
+                   if changes.mode is not None else None)
+        self.store.reserve(self._xattrs(inode).worst_case_new_blocks(len(new_acl[1]))
+                           if new_acl is not None else 0)
         if changes.size is not None:
-            self.store.reserve(self._data(inode).emap.worst_case_new_blocks(1))
-            try:
-                self._data(inode).truncate(
-                    changes.size, lambda keep: self.release_data(inode, keep))
-            finally:
-                self.store.release_reservation()
+            self._data(inode).truncate(
+                changes.size, lambda keep: self.release_data(inode, keep))
             inode.mtime_ns = now
             if ctx.uid != 0:
                 inode.mode = perms.killpriv(inode.mode)
         if changes.mode is not None:
-            mode = changes.mode & 0o7777
-            if ctx.uid != 0 and not ctx.in_group(inode.gid) and not inode.is_dir:
-                mode &= ~stat.S_ISGID
-            self._chmod_acl(inode, mode)  # first: it may fail (ENOSPC) with nothing changed
+            mode = self._new_mode(inode, changes.mode, ctx)
+            if new_acl is not None:
+                self._set_chmod_acl(inode, new_acl)
             inode.mode = stat.S_IFMT(inode.mode) | mode
         if changes.uid is not None or changes.gid is not None:
             # Every chown, by anybody, to new or the same ids (Linux's chown_common).
@@ -1237,18 +1252,27 @@ class FileSystem:
         inode.ctime_ns = _now()
         self._dirty(inode)
 
-    def _chmod_acl(self, inode: Inode, mode: int) -> None:
-        """On chmod: the access ACL's owner, mask and other entries follow the new mode."""
+    @staticmethod
+    def _new_mode(inode: Inode, requested: int, ctx: Ctx) -> int:
+        """The permission bits a chmod to ``requested`` sets: set-group-ID goes for a caller
+        outside the file's group (not on directories), as in Linux's setattr_prepare."""
+        mode = requested & 0o7777
+        if ctx.uid != 0 and not ctx.in_group(inode.gid) and not inode.is_dir:
+            mode &= ~stat.S_ISGID
+        return mode
+
+    def _chmod_acl(self, inode: Inode, mode: int) -> tuple[acls.Acl, bytes] | None:
+        """On chmod: the access ACL whose owner, mask and other entries follow the new mode,
+        and its encoding; None when the inode has no access ACL."""
         acl = self._access_acl(inode)
         if not acl:
-            return
+            return None
         acl = acls.chmod(acl, mode)
-        value = acls.encode(acl)
+        return acl, acls.encode(acl)
+
+    def _set_chmod_acl(self, inode: Inode, new: tuple[acls.Acl, bytes]) -> None:
+        """Store the rewritten access ACL (reserved by setattr before anything changed)."""
         xattrs = self._xattrs(inode)
-        self.store.reserve_more(xattrs.worst_case_new_blocks(len(value)))
-        try:
-            xattrs.set(acls.ACCESS, value)
-        finally:
-            self.store.release_reservation()
+        xattrs.set(acls.ACCESS, new[1])
         inode.xattr_root = xattrs.root
-        inode.acl = acl
+        inode.acl = new[0]

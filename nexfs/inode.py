@@ -28,7 +28,8 @@ off   size  field
             directory index root (directories), or an inline symlink target
 ====  ====  =============================================================
 
-A slot whose inode is free is all zeros except its checksum.
+A slot whose inode is free is all zeros (fsck's cleared slots: zeros and a valid checksum).
+The inode bitmap, not the slot, says whether an inode is in use (docs/FORMAT.md).
 """
 
 from __future__ import annotations

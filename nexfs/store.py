@@ -13,8 +13,11 @@ after which the journal starts over.  See docs/DESIGN.md for the crash model.
 Rules for callers (the concurrency invariant of metastore.py applies):
 
 * call ``dirty(block)`` right after changing a block, before any other store call;
-* an operation starts with ``reserve(...)`` for its worst case, so it never fails half-way
-  with ENOSPC, and does not commit in its middle;
+* an operation runs in ``operation()`` and takes its one reservation with ``reserve(...)``
+  for its worst case before it changes anything, so it never fails half-way with ENOSPC;
+  lower layers' nested ``reserve`` calls draw from it, and an allocation beyond it raises
+  ReservationError (a wrong worst case is a bug, never a silent overdraw); it does not
+  commit in its middle;
 * keep a transaction below ``max_txn_blocks``: check ``should_commit()`` between operations
   and split huge operations (e.g. truncating a huge file) into several.
 
@@ -134,17 +137,35 @@ class _Restamped(MetaBlock):
         seal_block(out, volume_seed, self.blkno)
 
 
-class Reservation:
-    """Returned by :meth:`Store.reserve`; a context manager releasing the reservation."""
+class ReservationError(RuntimeError):
+    """An operation allocated more than it reserved: its worst case is wrong.  A bug, not a
+    full disk: the filesystem treats it as an internal error (volume read-only)."""
 
-    def __init__(self, store: Store) -> None:
+
+class Reservation:
+    """The space one operation may allocate: ``blocks`` and ``inodes`` still reserved and
+    not yet allocated.  There is at most one per store (``Store.reservation``); the
+    allocators draw from it.  As a context manager, leaving it releases what is left if
+    :meth:`Store.reserve` took it outside any :meth:`Store.operation`; otherwise leaving it
+    changes nothing (the operation's scope, or the outer reservation, still holds the
+    space)."""
+
+    __slots__ = ("_outer", "_store", "blocks", "inodes", "mark", "taken")
+
+    def __init__(self, store: Store, *, outer: bool) -> None:
         self._store = store
+        self._outer = outer
+        self.blocks = 0
+        self.inodes = 0
+        self.taken = False  # the operation has made its one reservation
+        self.mark = store.change_count()  # nothing changed since: reserve() may commit
 
     def __enter__(self) -> Reservation:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._store.release_reservation()
+        if self._outer:
+            self._store._end_reservation(self)
 
 
 class Store:
@@ -176,8 +197,10 @@ class Store:
         self._data = DataCache(bdev, data_cache_blocks)
         self._wb = WriteBehind(bdev)  # also the pool behind data_buffer()
         self._changes = 0
-        self._reserved_blocks = 0
-        self._reserved_inodes = 0
+        # The running operation's reservation (see reserve()); _op_depth counts nested
+        # operation() scopes.
+        self._op: Reservation | None = None
+        self._op_depth = 0
         g = self.geo
         self.journal = Journal(bdev, g.journal_start, g.journal_len, self.volume_seed,
                                sb.journal_tid)
@@ -383,7 +406,8 @@ class Store:
             self._cache.remove(blkno)
         dropped_state = STATE_BLOCK in self._running
         self._running.clear()
-        self._reserved_blocks = self._reserved_inodes = 0
+        if self._op is not None:
+            self._op.blocks = self._op.inodes = 0
         if dropped_state:
             try:
                 self._state = self._load_state()
@@ -696,42 +720,109 @@ class Store:
 
     # -- reservations ------------------------------------------------------------------------
 
+    @property
+    def reservation(self) -> Reservation | None:
+        """The running operation's reservation, if any."""
+        return self._op
+
     def _fits(self, nblocks: int, ninodes: int) -> bool:
         st = self.state
-        return (st.free_blocks - self.blocks.pending_count - self._reserved_blocks >= nblocks
-                and st.free_inodes - self._reserved_inodes >= ninodes)
+        op = self._op
+        held_b, held_i = (op.blocks, op.inodes) if op is not None else (0, 0)
+        return (st.free_blocks - self.blocks.pending_count - held_b >= nblocks
+                and st.free_inodes - held_i >= ninodes)
+
+    @contextlib.contextmanager
+    def operation(self) -> Iterator[Reservation]:
+        """One filesystem operation: it starts with an empty reservation, takes its one
+        reservation with :meth:`reserve` before it changes anything, and every allocation
+        inside draws from it (beyond it: :class:`ReservationError`).  What is left is
+        released at the end.  Nested scopes belong to the outer operation."""
+        created = self._op is None  # (else a reservation taken outside joins it)
+        if created:
+            self._op = Reservation(self, outer=False)
+        self._op_depth += 1
+        try:
+            yield cast(Reservation, self._op)
+        finally:
+            self._op_depth -= 1
+            if created:
+                self._op = None
 
     @_guarded
     def reserve(self, nblocks: int, ninodes: int = 0) -> Reservation:
         """Reserve the worst case of the coming operation, or FsError(ENOSPC) with nothing
-        changed.  Call between operations (it may commit and checkpoint to release blocks
-        freed by earlier transactions).  Use as ``with store.reserve(n): ...``."""
+        changed.  Use as ``with store.reserve(n): ...``.
+
+        The first reservation of an operation (or outside :meth:`operation`) is *the*
+        reservation: if nothing has changed yet it may commit and checkpoint to release
+        blocks freed by earlier transactions.  A later call in the same operation (a lower
+        layer reserving for its part, e.g. the data write inside symlink) draws from it
+        instead of reserving again: the outer reservation must already cover it, else
+        :class:`ReservationError` (its worst case was wrong)."""
         self._check_writable()
-        if not self._fits(nblocks, ninodes) and self.blocks.pending_count:
+        op = self._op
+        if op is not None and op.taken:
+            if nblocks > op.blocks or ninodes > op.inodes:
+                raise ReservationError(
+                    f"nested reservation of {nblocks} block(s), {ninodes} inode(s) exceeds "
+                    f"the {op.blocks}/{op.inodes} left in the operation's reservation")
+            return Reservation(self, outer=False)
+        outer = op is None
+        if outer:
+            op = Reservation(self, outer=True)
+        assert op is not None
+        if (not self._fits(nblocks, ninodes) and self.blocks.pending_count
+                and self._changes == op.mark):
+            # Nothing of this operation is in the store yet: committing here is safe.
             self.commit(durable=False)
             self._checkpoint()
         if not self._fits(nblocks, ninodes):
             raise FsError(errno.ENOSPC, "no space left on device")
-        self._reserved_blocks += nblocks
-        self._reserved_inodes += ninodes
-        return Reservation(self)
+        op.blocks, op.inodes, op.taken = nblocks, ninodes, True
+        if outer:
+            self._op = op
+        return op
 
     def reserve_more(self, nblocks: int) -> None:
         """Grow the current operation's reservation, mid-operation: unlike :meth:`reserve`
         it never commits (the operation's changes are not all in the store yet), so it only
         sees blocks already free.  FsError(ENOSPC) when they are not there."""
         self._check_writable()
+        op = self._op
+        if op is None or not op.taken:
+            raise ReservationError("reserve_more() outside a reservation")
         if not self._fits(nblocks, 0):
             raise FsError(errno.ENOSPC, "no space left on device")
-        self._reserved_blocks += nblocks
+        op.blocks += nblocks
 
     def release_reservation(self) -> None:
-        """End of operation: whatever it reserved and did not use is available again."""
-        self._reserved_blocks = self._reserved_inodes = 0
+        """End of an operation that reserved outside :meth:`operation`: whatever it reserved
+        and did not use is available again.  Inside an operation scope this does nothing:
+        the scope ends the operation."""
+        if self._op_depth == 0:
+            self._op = None
+
+    def _end_reservation(self, op: Reservation) -> None:
+        if self._op is op and self._op_depth == 0:
+            self._op = None
+
+    def _draw(self, nblocks: int, ninodes: int) -> None:
+        """An allocation is about to take ``nblocks``/``ninodes`` from the operation's
+        reservation.  Outside any operation (mkfs, fsck's repair, store tests) there is
+        nothing to draw from and nothing to check."""
+        op = self._op
+        if op is None:
+            return
+        if nblocks > op.blocks or ninodes > op.inodes:
+            raise ReservationError(
+                f"allocating {nblocks} block(s), {ninodes} inode(s) with only "
+                f"{op.blocks}/{op.inodes} left in the operation's reservation")
 
     # -- block allocation --------------------------------------------------------------------
 
     def _alloc_run(self, goal: int, want: int) -> tuple[int, int]:
+        self._draw(want, 0)
         run = self.blocks.find(goal, want)
         if run is None and self.blocks.pending:
             # Mid-operation: committed frees can be released by a checkpoint.  Encoded
@@ -745,7 +836,8 @@ class Store:
         self.blocks.set_range(start, n)
         self.state.free_blocks -= n
         self._dirty_state()
-        self._reserved_blocks = max(0, self._reserved_blocks - n)
+        if self._op is not None:
+            self._op.blocks -= n
         return run
 
     def _goal(self, goal: int | None, hint: int) -> int:
@@ -863,6 +955,7 @@ class Store:
         is zeroed and joins the transaction, so the table block is always written once one
         of its inodes is in use."""
         self._check_writable()
+        self._draw(0, 1)
         goal = goal_hint or self.state.inode_hint or 1
         run = self.inodes.find(goal, 1)
         if run is None or self.state.free_inodes < 1:
@@ -876,16 +969,22 @@ class Store:
         st.free_inodes -= 1
         st.inode_hint = ino + 1 if ino < self.geo.ninodes else 1
         self._dirty_state()
-        self._reserved_inodes = max(0, self._reserved_inodes - 1)
+        if self._op is not None:
+            self._op.inodes -= 1
         return InodeNo(ino)
 
     @_guarded
     def free_inode(self, ino: InodeNo) -> None:
         """Return inode ``ino`` to the free pool (reusable at once: inode numbers carry no
-        on-disk image that could be replayed over a new owner)."""
+        on-disk image that could be replayed over a new owner).  Its table slot is zeroed
+        in the same transaction, so no record of a free inode is left for anything (fsck
+        rebuilding a damaged inode bitmap from the table) to take for a live one."""
         self._check_writable()
         self._check_ino(ino)
+        blk, slot = self._table_block(ino)  # before clearing the bit: the block is in use
         self.inodes.clear_range(ino, 1, defer=False)
+        blk.slot(slot)[:] = bytes(INODE_SIZE)
+        self.dirty(blk)
         self.state.free_inodes += 1
         self._dirty_state()
 
@@ -992,11 +1091,13 @@ class Store:
     def statfs(self) -> StatFs:
         st = self.state
         g = self.geo
+        op = self._op
+        held_b, held_i = (op.blocks, op.inodes) if op is not None else (0, 0)
         return StatFs(
             block_size=BLOCK_SIZE, total_blocks=g.nblocks, free_blocks=st.free_blocks,
-            avail_blocks=max(0, st.free_blocks - self._reserved_blocks),
+            avail_blocks=max(0, st.free_blocks - held_b),
             total_inodes=g.ninodes, free_inodes=st.free_inodes,
-            avail_inodes=max(0, st.free_inodes - self._reserved_inodes))
+            avail_inodes=max(0, st.free_inodes - held_i))
 
     @_guarded
     def verify_allocators(self) -> list[str]:
