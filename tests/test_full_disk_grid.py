@@ -19,8 +19,8 @@ operation in the fresh or the deep directory.  Then:
 
 POSIX ACLs are in play: the deep directory has a default ACL (so creates there inherit an
 access ACL, and mkdir the default ACL too), a chmod rewrites a file's access ACL, and setfacl
-sets one.  Operations that only free (unlink, rmdir, removexattr, truncate) are run too: they take no
-reservation, so an allocation inside them would be a ReservationError.
+sets one.  Operations that only free (unlink, rmdir, removexattr, truncate) are run too:
+they take no reservation, so an allocation inside them would be a ReservationError.
 
 The default run takes a representative subset of the grid (every operation and directory,
 10 amounts of free blocks from 0 to 16 with 16 free inodes, 0 and 1 free inodes: 600 cases,
