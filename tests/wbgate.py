@@ -30,7 +30,7 @@ import random
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from types import FrameType
 from typing import Any
 
@@ -60,6 +60,12 @@ class _HookedCondition(threading.Condition):
                 gate._parked(None)
         gate._credit()  # the request side blocks: the worker must make progress
         return super().wait(timeout)
+
+    def notify_all(self) -> None:
+        gate = self._gate
+        if threading.current_thread() is not gate.worker_thread():
+            gate._woken()  # new work queued: an idle worker is about to run
+        super().notify_all()
 
     def held_here(self) -> bool:
         return self._is_owned()  # type: ignore[attr-defined]
@@ -102,7 +108,14 @@ class WorkerGate:
     def _parked(self, where: str | None) -> None:
         with self._gc:
             self._where = where
+            if where == "idle":
+                self._credits = 0  # nothing queued: a credit left over would be stale
             self._gc.notify_all()
+
+    def _woken(self) -> None:
+        with self._gc:
+            if self._where == "idle":
+                self._where = None
 
     def _credit(self) -> None:
         with self._gc:
@@ -113,12 +126,16 @@ class WorkerGate:
         """Let the worker finish one write, if one is waiting at the gate; returns whether
         one did."""
         with self._gc:
+            while self._where is None:  # running: wait until it parks at the gate or idles
+                self._gc.wait()
             if self._where != "gate":
                 return False
             self._credits += 1
             self.steps += 1
             self._gc.notify_all()
-            while self._credits or self._where is None:
+            # Done when it parks again: at the gate with every credit used (a waiting
+            # request on another thread may have added one), or idle.
+            while self._where is None or (self._where == "gate" and self._credits):
                 self._gc.wait()
         return True
 
@@ -127,14 +144,16 @@ class WorkerGate:
             pass
 
     @contextmanager
-    def preempt(self, rng: random.Random, chance: float) -> Iterator[None]:
-        """While inside, each line the request thread runs in the write-behind's code is,
-        with probability ``chance``, a point where the worker finishes one write."""
+    def preempt(self, when: Callable[[FrameType], bool]) -> Iterator[None]:
+        """While inside, each line the request thread runs in the write-behind's code for
+        which ``when(frame)`` is true is a point where the worker finishes one write (only
+        where the request side does not hold the write-behind's lock: there the worker
+        could not finish)."""
         cond = self._cond
         assert cond is not None
 
         def local(frame: FrameType, event: str, arg: object) -> Any:
-            if event == "line" and rng.random() < chance and not cond.held_here():
+            if event == "line" and not cond.held_here() and when(frame):
                 self.step()
             return local
 
@@ -149,6 +168,10 @@ class WorkerGate:
             yield
         finally:
             sys.settrace(old)
+
+    def at_random(self, rng: random.Random, chance: float) -> AbstractContextManager[None]:
+        """:meth:`preempt` at each line with probability ``chance``."""
+        return self.preempt(lambda frame: rng.random() < chance)
 
     # -- the device interface ----------------------------------------------------------------
 
