@@ -22,12 +22,13 @@ What keeps this safe:
   allocated, another file's old data).  Reading (or writing) a block whose write failed is
   EIO from then on; the volume is in its error state by then, so the block is never
   rewritten while mounted;
-* the request side never looks at what the worker changes without holding the lock: the
+* the request side walks what the worker changes only while holding the lock: the
   worker removes finished writes from the lists a reader checks, and an unlocked walk of
   a list that shrinks under it skips an entry (a read then went to the device before the
   write of its block had landed).  A failure is recorded in the same locked step that
   takes the write off the in-flight lists, so a reader that saw it in flight sees it
-  failed.
+  failed.  The one unlocked look is at the count of writes in flight, which only the
+  request side raises: reading 0 proves that nothing it queued is still in flight.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ class WriteBehind:
         self._objs: list[object] = [None] * nbuffers
         # Per buffer: the (blkno, count) writes queued or in progress from it.
         self._pending: list[list[tuple[int, int]]] = [[] for _ in range(nbuffers)]
+        # Writes queued or in progress.  Only the request side raises it and only the worker
+        # lowers it (under the lock, after recording a failure), so a request that reads 0
+        # without the lock knows every write it queued is done, failures recorded: the
+        # fast path of the checks below, which otherwise take the lock.
+        self._inflight = 0
         self._queue: deque[tuple[int, int, int, memoryview]] = deque()
         self._cond = threading.Condition()
         self._error: Exception | None = None
@@ -82,6 +88,9 @@ class WriteBehind:
         flight: the first such one (so reads keep using one buffer), a new one while fewer
         than ``nbuffers`` exist, else the first to finish.  Valid until the next call."""
         pending = self._pending
+        first = self._bufs[0]
+        if not self._inflight and first is not None:
+            return first[:nbytes]
         with self._cond:
             while True:
                 for i, buf in enumerate(self._bufs):
@@ -115,6 +124,7 @@ class WriteBehind:
             if self._error is not None:
                 return False  # written by the caller (after checking its blocks' failures)
             self._pending[i].append((blkno, count))
+            self._inflight += 1
             self._queue.append((i, blkno, count, data))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="nexfs-writer",
@@ -124,14 +134,16 @@ class WriteBehind:
         return True
 
     def busy(self) -> bool:
-        with self._cond:
-            return any(self._pending)
+        return self._inflight > 0
 
     def wait_overlapping(self, blkno: int, count: int) -> None:
         """Return once no write of a block in ``blkno..+count`` is in flight.  Raises EIO
         if the write of one of them failed (or was dropped behind a failed one): the
         device holds older data than what was acknowledged, and a read must not return it
-        as if nothing happened.  Checked under the lock: see the module docstring."""
+        as if nothing happened.  Checked under the lock (see the module docstring), unless
+        nothing is in flight and nothing failed."""
+        if not self._inflight and not self._failed:
+            return
         end = blkno + count
 
         def overlapping() -> bool:
@@ -202,4 +214,5 @@ class WriteBehind:
                         self._error = error
                     self._failed.append((blkno, count, error))
                 self._pending[i].remove((blkno, count))
+                self._inflight -= 1
                 cond.notify_all()
