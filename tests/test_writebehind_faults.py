@@ -424,6 +424,9 @@ class Explorer:
         except FsError as e:
             assert e.errno == errno.EIO, repr(e)
         if self.gate.injected:
+            with pytest.raises(FsError) as failed:
+                fs.fsync(ROOT_INO, False)
+            assert failed.value.errno == errno.EIO, "fsync after a fault must fail"
             assert fs.store.error is not None, "an injected fault left no error state"
         else:
             assert fs.store.error is None and self.eio == 0, fs.store.error
@@ -486,12 +489,14 @@ def test_explore_interleavings_without_faults(kind: str, tmp_path: Path) -> None
 def test_explore_a_fault_at_every_write_behind_write(kind: str, tmp_path: Path) -> None:
     """For each write-behind write of a workload: a run where exactly that write fails
     (and, for every third, where it is cut short: its first half written); then a few runs
-    with random sets of failing writes, and with a dead device from some write on."""
+    with random sets of failing writes, with a dead device from some write on, and with
+    one failing device write of any kind."""
     seeds = SEEDS if kind == "memdev" else IMAGE_SEEDS
     runs = faults = eio_reads = 0
     for seed in seeds:
         plan = _plan(seed, 90)
-        total = _explore(kind, tmp_path, plan, seed).gate.worker_writes
+        dry = _explore(kind, tmp_path, plan, seed).gate
+        total = dry.worker_writes
         assert total >= 8, f"seed {seed}: only {total} write-behind writes"
         cases: list[dict[str, Any]] = []
         for n in range(1, total + 1):
@@ -502,6 +507,9 @@ def test_explore_a_fault_at_every_write_behind_write(kind: str, tmp_path: Path) 
         for _ in range(4):
             cases.append({"fail_at": set(rng.sample(range(1, total + 1), 3))})
         cases.append({"fail_at": {rng.randrange(1, total + 1)}, "sticky": True})
+        # Any device write too (journal, metadata, data cache flushes): the same oracle.
+        for n in rng.sample(range(1, dry.writes + 1), min(dry.writes, 30 if LONG else 6)):
+            cases.append({"fail_any_at": {n}})
         for case in cases:
             ex = _explore(kind, tmp_path, plan, seed, **case)
             runs += 1

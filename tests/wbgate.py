@@ -18,8 +18,10 @@ finish a write — the points where an unlocked check could see the worker's lis
 
 Faults: ``fail_at`` holds the 1-based indexes of the write-behind writes that fail with EIO
 (nothing written), ``short_at`` those that write their first half and then fail; with
-``sticky`` every later write-behind write fails too.  ``worker_writes`` counts the
-write-behind writes seen, so a fault-free dry run tells how many indexes a workload has.
+``sticky`` every later write-behind write fails too.  ``fail_any_at`` counts every device
+write instead (metadata, journal, data cache flushes, from either thread).
+``worker_writes`` and ``writes`` count what was seen, so a fault-free dry run tells how many
+indexes a workload has.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class WorkerGate:
 
     def __init__(self, inner: Any, *, fail_at: set[int] | frozenset[int] = frozenset(),
                  short_at: set[int] | frozenset[int] = frozenset(),
+                 fail_any_at: set[int] | frozenset[int] = frozenset(),
                  sticky: bool = False, free: bool = False) -> None:
         self.inner = inner
         self.sector_size = int(inner.block_info().sector_size)
@@ -83,7 +86,9 @@ class WorkerGate:
         self.short_at = set(short_at)
         self.sticky = sticky
         self.free = free  # never hold the worker: plain concurrency
+        self.fail_any_at = set(fail_any_at)
         self.worker_writes = 0
+        self.writes = 0
         self.injected = 0
         self.steps = 0
         self._dead = False
@@ -97,6 +102,7 @@ class WorkerGate:
         """Take over ``wb``'s condition (before its first write is queued)."""
         assert not wb.busy()
         self._wb = wb
+        self.writes = 0  # counted from here: the volume is open
         self._cond = _HookedCondition(self)
         wb._cond = self._cond
 
@@ -185,6 +191,9 @@ class WorkerGate:
         return memoryview(self.inner.block_read(lba, count, into))
 
     def block_write(self, lba: int, count: int, data: Any, *, durable: bool = False) -> None:
+        self.writes += 1  # every write, on either thread
+        if self.writes in self.fail_any_at and self._wb is not None:
+            raise self._fault("device write", lba, count)
         if threading.current_thread() is not self.worker_thread():
             self.inner.block_write(lba, count, data, durable=durable)
             return
@@ -200,19 +209,19 @@ class WorkerGate:
         self.worker_writes += 1
         n = self.worker_writes
         if self._dead or n in self.fail_at:
-            raise self._fault("write", lba, count)
+            raise self._fault("write-behind write", lba, count)
         if n in self.short_at and count >= 2:
             keep = count // 2
             raw = b"".join(split_sectors(data, self.sector_size)[:keep])
             buf = self.inner.alloc_buffer(len(raw))
             memoryview(buf).cast("B")[:] = raw
             self.inner.block_write(lba, keep, buf)
-            raise self._fault("short write (first half written)", lba, count)
+            raise self._fault("write-behind short write (first half written)", lba, count)
         self.inner.block_write(lba, count, data, durable=durable)
 
     def _fault(self, what: str, lba: int, count: int) -> DeviceError:
         self.injected += 1
         if self.sticky:
             self._dead = True
-        return DeviceError(errno.EIO, f"injected fault: write-behind {what} of {count} "
-                                      f"sectors at lba {lba} failed", "wbgate")
+        return DeviceError(errno.EIO, f"injected fault: {what} of {count} sectors at lba "
+                                      f"{lba} failed", "wbgate")
