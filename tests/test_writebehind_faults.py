@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -458,9 +459,15 @@ def check_remounted(dev: Any, model: Model, how: str) -> None:
 def _explore(kind: str, tmp_path: Path, plan: list[Op], seed: int, **faults: Any) -> Explorer:
     """One run of ``plan``; checks everything, remounts included.  Returns the explorer
     (its gate says how many write-behind writes there were, and how many faults fired)."""
+    switch = sys.getswitchinterval()
     with _volume(kind, tmp_path, 24 * MiB) as dev:
         ex = Explorer(dev, plan, WorkerGate(dev, **faults), seed)
-        ex.run()
+        if faults.get("free"):
+            sys.setswitchinterval(1e-5)
+        try:
+            ex.run()
+        finally:
+            sys.setswitchinterval(switch)
         ex.finish()
         if kind == "memdev":
             check_remounted(dev.snapshot(), ex.model, "as left")
@@ -510,6 +517,9 @@ def test_explore_a_fault_at_every_write_behind_write(kind: str, tmp_path: Path) 
         # Any device write too (journal, metadata, data cache flushes): the same oracle.
         for n in rng.sample(range(1, dry.writes + 1), min(dry.writes, 30 if LONG else 6)):
             cases.append({"fail_any_at": {n}})
+        # And the worker not held at all: the scheduler decides (switching threads often).
+        for _ in range(2):
+            cases.append({"fail_at": {rng.randrange(1, total + 1)}, "free": True})
         for case in cases:
             ex = _explore(kind, tmp_path, plan, seed, **case)
             runs += 1
