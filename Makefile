@@ -44,6 +44,7 @@ run: venv
 # states, 6,000 hostile images, then 10 minutes of fuzzing the valve.
 long: venv
 	NEXFS_LONG=1 $(VENV)/bin/pytest -q -s tests/test_crash_explore.py tests/test_crash_double.py \
+	  tests/test_writebehind_faults.py tests/test_full_disk_grid.py \
 	  tests/test_hostile.py tests/test_scale.py tests/test_mount_posix.py \
 	  tests/test_mount_export.py tests/test_mount_acl.py
 	$(PY) -m pip install -q atheris
