@@ -36,6 +36,7 @@ import trio
 
 from .attr import Attr, Ctx, SetAttr
 from .fs import FileSystem
+from .invalidate import drop_cached_pages
 from .types import CorruptionError, FsError
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,13 @@ class FuseAdapter(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._reported: set[tuple[int, str]] = set()
+        # O_DIRECT and the page cache (nexfs/invalidate.py): the handles opened with
+        # O_DIRECT, how many of them each inode has, and the inodes among those that a READ
+        # (which fills the kernel's page cache) has touched since their pages were dropped.
+        self._direct: dict[int, int] = {}
+        self._direct_open: dict[int, int] = {}
+        self._read_since_inval: set[int] = set()
+        self._drop_after_write: int | None = None
 
     # -- the one errno translation --------------------------------------------------------
 
@@ -239,6 +247,20 @@ class FuseAdapter(pyfuse3.Operations):
         self._next_fh += 1
         self._handles[fh] = (ino, ctx)
         return fh
+
+    def _note_direct(self, fh: int, ino: int, flags: int) -> None:
+        if flags & os.O_DIRECT:
+            self._direct[fh] = ino
+            self._direct_open[ino] = self._direct_open.get(ino, 0) + 1
+
+    def _forget_direct(self, fh: int) -> None:
+        ino = self._direct.pop(fh, None)
+        if ino is not None:
+            left = self._direct_open.pop(ino) - 1
+            if left:
+                self._direct_open[ino] = left
+            else:
+                self._read_since_inval.discard(ino)
 
     def _handle(self, fh: int) -> _Handle:
         try:
@@ -385,9 +407,11 @@ class FuseAdapter(pyfuse3.Operations):
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         caller = self._ctx(ctx)
         self.fs.open_file(inode, flags, caller)
+        fh = self._open_handle(inode, caller)
+        self._note_direct(fh, inode, flags)
         # keep_cache: nothing but this kernel changes the volume, so cached pages stay valid
         # from one open to the next.
-        return pyfuse3.FileInfo(fh=self._open_handle(inode, caller), keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_handler
     def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -395,16 +419,36 @@ class FuseAdapter(pyfuse3.Operations):
         caller = self._ctx(ctx, creating=True)
         entry = self._remember(self.fs.create(parent_inode, name, mode, caller))
         fh = self._open_handle(entry.st_ino, caller)
+        self._note_direct(fh, entry.st_ino, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
     @_handler
     def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.fs.read(self._handle(fh)[0], off, size)
+        ino = self._handle(fh)[0]
+        if ino in self._direct_open:
+            # This READ may fill the page cache while an O_DIRECT write is queued.
+            self._read_since_inval.add(ino)
+        return self.fs.read(ino, off, size)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        written = await self.write_data(fh, off, buf)
+        ino, self._drop_after_write = self._drop_after_write, None
+        if ino is not None:
+            # The kernel does not drop what readers cached while an asynchronous O_DIRECT
+            # write was queued (nexfs/invalidate.py): drop it before answering.  The only
+            # await of any handler; the core's work for this request is finished.
+            await drop_cached_pages(ino)
+        return written
 
     @_handler
-    def write(self, fh: int, off: int, buf: bytes) -> int:
+    def write_data(self, fh: int, off: int, buf: bytes) -> int:
+        """The core's part of ``write``; notes the inode whose cached pages must go."""
         ino, caller = self._handle(fh)
-        return self.fs.write(ino, off, buf, caller)
+        written = self.fs.write(ino, off, buf, caller)
+        if fh in self._direct and ino in self._read_since_inval:
+            self._read_since_inval.discard(ino)
+            self._drop_after_write = ino
+        return written
 
     @_handler
     def flush(self, fh: int) -> None:
@@ -415,6 +459,7 @@ class FuseAdapter(pyfuse3.Operations):
     @_handler
     def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
+        self._forget_direct(fh)
 
     @_handler
     def fsync(self, fh: int, datasync: bool) -> None:
@@ -526,6 +571,9 @@ class FuseAdapter(pyfuse3.Operations):
         """Drop the references the kernel still held when the session ended (it does not
         send forget for everything at unmount), so unlinked-but-open inodes are freed."""
         self._handles.clear()
+        self._direct.clear()
+        self._direct_open.clear()
+        self._read_since_inval.clear()
         lookups, self._lookups = self._lookups, {}
         for ino, n in lookups.items():
             before = self.fs.error
