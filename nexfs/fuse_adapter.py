@@ -13,7 +13,10 @@ the coroutine pyfuse3 awaits.  The wrapper is the one place where errors become 
 
 Concurrency invariant: the core is single-threaded and its methods never await, so a handler
 runs from start to finish without a trio checkpoint; requests never interleave inside the
-core.  Nothing hops to a thread: a thread round trip costs more than a 4 KiB read.
+core.  Nothing hops to a thread: a thread round trip costs more than a 4 KiB read.  The one
+exception is ``write`` on an O_DIRECT handle when the kernel's cached pages of the file must
+be dropped before the answer (nexfs/invalidate.py): it awaits that, on a thread, only after
+its core work is done, while a helper worker serves the other requests.
 
 Lookup counts: every reply that raises the kernel's lookup count (lookup, create, mknod,
 mkdir, symlink, link, each accepted readdirplus entry other than ``.`` and ``..``) takes one
