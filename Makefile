@@ -42,7 +42,7 @@ run: venv
 # The long reliability run (docs/RELIABILITY.md): >50,000 crash states, 6,000 hostile
 # images, then 10 minutes of fuzzing the valve.
 long: venv
-	NEXFS_LONG=1 $(VENV)/bin/pytest -q -s tests/test_crash_explore.py tests/test_hostile.py
+	NEXFS_LONG=1 $(VENV)/bin/pytest -q -s tests/test_crash_explore.py tests/test_hostile.py tests/test_mount_dio.py
 	$(PY) -m pip install -q atheris
 	mkdir -p /tmp/nexfs-fuzz-corpus
 	$(PY) fuzz/fuzz_valve.py -max_total_time=600 /tmp/nexfs-fuzz-corpus fuzz/regressions

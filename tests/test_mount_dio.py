@@ -32,7 +32,7 @@ pytestmark = pytest.mark.mount
 LONG = os.environ.get("NEXFS_LONG") == "1"
 SIZE = 640 * 1024
 READERS = 4
-SECONDS = 120.0 if LONG else 6.0
+SECONDS = 60.0 if LONG else 6.0
 MIN_ROUNDS = 3  # below this the race did not really run (a machine far too loaded)
 SOURCE = Path(__file__).with_name("dio_race.c")
 
