@@ -108,10 +108,12 @@ _workers = 1
 """pyfuse3 workers of this session: the first one and the helpers started."""
 _waiting = 0
 """Handlers inside :func:`serve_while`, each holding its worker."""
-MAX_HELPERS = 4
-"""At most this many helper workers per session: each keeps a receive buffer of max_write
-(1 MiB).  A handler that finds every worker busy waiting and no helper left to start waits
-out its timeout."""
+MAX_HELPERS = 16
+"""At most this many helper workers per session (each keeps a receive buffer of up to
+max_write, 1 MiB).  More are never needed: the kernel has at most 12 background requests
+(asynchronous O_DIRECT writes among them) with the daemon at once.  With 4, five writes in
+flight already found every worker waiting and timed out by the dozen.  A handler that finds
+every worker waiting and no helper left to start waits out its timeout."""
 _FOREVER = 1 << 30
 """Every worker's ``min_tasks``: pyfuse3 ends a worker when more than that many others wait
 for requests, which never happens.  A helper that ended by itself would make pyfuse3 count one
