@@ -46,7 +46,8 @@ long: venv
 	NEXFS_LONG=1 $(VENV)/bin/pytest -q -s tests/test_crash_explore.py tests/test_crash_double.py \
 	  tests/test_writebehind_faults.py tests/test_full_disk_grid.py \
 	  tests/test_hostile.py tests/test_scale.py tests/test_mount_posix.py \
-	  tests/test_mount_export.py tests/test_mount_acl.py
+	  tests/test_mount_export.py tests/test_mount_acl.py \
+	  tests/test_mount_dio.py
 	$(PY) -m pip install -q atheris
 	mkdir -p /tmp/nexfs-fuzz-corpus
 	$(PY) fuzz/fuzz_valve.py -max_total_time=600 /tmp/nexfs-fuzz-corpus fuzz/regressions

@@ -13,7 +13,10 @@ the coroutine pyfuse3 awaits.  The wrapper is the one place where errors become 
 
 Concurrency invariant: the core is single-threaded and its methods never await, so a handler
 runs from start to finish without a trio checkpoint; requests never interleave inside the
-core.  Nothing hops to a thread: a thread round trip costs more than a 4 KiB read.
+core.  Nothing hops to a thread: a thread round trip costs more than a 4 KiB read.  The one
+exception is ``write`` on an O_DIRECT handle when the kernel's cached pages of the file must
+be dropped before the answer (nexfs/invalidate.py): it awaits that, on a thread, only after
+its core work is done, while a helper worker serves the other requests.
 
 Lookup counts: every reply that raises the kernel's lookup count (lookup, create, mknod,
 mkdir, symlink, link, each accepted readdirplus entry other than ``.`` and ``..``) takes one
@@ -36,6 +39,7 @@ import trio
 
 from .attr import Attr, Ctx, SetAttr
 from .fs import FileSystem
+from .invalidate import drop_cached_pages
 from .types import CorruptionError, FsError
 
 log = logging.getLogger(__name__)
@@ -149,6 +153,13 @@ class FuseAdapter(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._reported: set[tuple[int, str]] = set()
+        # O_DIRECT and the page cache (nexfs/invalidate.py): the handles opened with
+        # O_DIRECT, how many of them each inode has, and the inodes among those that a READ
+        # (which fills the kernel's page cache) has touched since their pages were dropped.
+        self._direct: dict[int, int] = {}
+        self._direct_open: dict[int, int] = {}
+        self._read_since_inval: set[int] = set()
+        self._drop_after_write: int | None = None
 
     # -- the one errno translation --------------------------------------------------------
 
@@ -246,6 +257,20 @@ class FuseAdapter(pyfuse3.Operations):
         self._next_fh += 1
         self._handles[fh] = (ino, ctx)
         return fh
+
+    def _note_direct(self, fh: int, ino: int, flags: int) -> None:
+        if flags & os.O_DIRECT:
+            self._direct[fh] = ino
+            self._direct_open[ino] = self._direct_open.get(ino, 0) + 1
+
+    def _forget_direct(self, fh: int) -> None:
+        ino = self._direct.pop(fh, None)
+        if ino is not None:
+            left = self._direct_open.pop(ino) - 1
+            if left:
+                self._direct_open[ino] = left
+            else:
+                self._read_since_inval.discard(ino)
 
     def _handle(self, fh: int) -> _Handle:
         try:
@@ -397,9 +422,11 @@ class FuseAdapter(pyfuse3.Operations):
         self.fs.open_file(inode, flags, caller)
         if flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_NOATIME:
             self._note_read_open(inode)
+        fh = self._open_handle(inode, caller)
+        self._note_direct(fh, inode, flags)
         # keep_cache: nothing but this kernel changes the volume, so cached pages stay valid
         # from one open to the next.
-        return pyfuse3.FileInfo(fh=self._open_handle(inode, caller), keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     def _note_read_open(self, inode: int) -> None:
         """Reads served from the page cache never reach the core, so the atime a read would
@@ -418,16 +445,39 @@ class FuseAdapter(pyfuse3.Operations):
         caller = self._ctx(ctx, creating=True)
         entry = self._remember(self.fs.create(parent_inode, name, mode, caller))
         fh = self._open_handle(entry.st_ino, caller)
+        self._note_direct(fh, entry.st_ino, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
     @_handler
     def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.fs.read(self._handle(fh)[0], off, size)
+        ino = self._handle(fh)[0]
+        if ino in self._direct_open and fh not in self._direct:
+            # This READ may fill the page cache while an O_DIRECT write is queued.  (A READ
+            # on an O_DIRECT handle is the direct read itself, which caches nothing; the
+            # rare page-cache fill through such a handle, docs/DESIGN.md, is not counted,
+            # so that mixed O_DIRECT reads and writes cost nothing extra.)
+            self._read_since_inval.add(ino)
+        return self.fs.read(ino, off, size)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        written = await self.write_data(fh, off, buf)
+        ino, self._drop_after_write = self._drop_after_write, None
+        if ino is not None:
+            # The kernel does not drop what readers cached while an asynchronous O_DIRECT
+            # write was queued (nexfs/invalidate.py): drop it before answering.  The only
+            # await of any handler; the core's work for this request is finished.
+            await drop_cached_pages(ino)
+        return written
 
     @_handler
-    def write(self, fh: int, off: int, buf: bytes) -> int:
+    def write_data(self, fh: int, off: int, buf: bytes) -> int:
+        """The core's part of ``write``; notes the inode whose cached pages must go."""
         ino, caller = self._handle(fh)
-        return self.fs.write(ino, off, buf, caller)
+        written = self.fs.write(ino, off, buf, caller)
+        if fh in self._direct and ino in self._read_since_inval:
+            self._read_since_inval.discard(ino)
+            self._drop_after_write = ino
+        return written
 
     @_handler
     def flush(self, fh: int) -> None:
@@ -438,6 +488,7 @@ class FuseAdapter(pyfuse3.Operations):
     @_handler
     def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
+        self._forget_direct(fh)
 
     @_handler
     def fsync(self, fh: int, datasync: bool) -> None:
@@ -549,6 +600,9 @@ class FuseAdapter(pyfuse3.Operations):
         """Drop the references the kernel still held when the session ended (it does not
         send forget for everything at unmount), so unlinked-but-open inodes are freed."""
         self._handles.clear()
+        self._direct.clear()
+        self._direct_open.clear()
+        self._read_since_inval.clear()
         lookups, self._lookups = self._lookups, {}
         for ino, n in lookups.items():
             before = self.fs.error

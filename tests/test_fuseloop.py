@@ -5,10 +5,13 @@ under a steady stream, and an idle wait ends up in trio (so cancellation works).
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import trio
+import trio.testing
 
 from nexfs import fuseloop
 
@@ -69,14 +72,48 @@ async def test_idle_wait_goes_to_trio_and_can_be_cancelled(pipe: tuple[int, int]
             await low.wait_readable(r)
 
 
-async def test_reader_lock_is_free_and_refuses_a_second_holder() -> None:
+async def test_reader_lock_is_taken_without_a_scheduler_pass() -> None:
     lock = fuseloop.FreeLock()
-    async with lock:
-        with pytest.raises(RuntimeError, match="more than one worker"):
+    ran: list[int] = []
+
+    async def other() -> None:
+        ran.append(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        for _ in range(3):
             async with lock:
                 pass
-    async with lock:  # released again
-        pass
+        assert ran == []  # a free lock never yields
+
+
+async def test_reader_lock_makes_a_second_worker_wait_its_turn() -> None:
+    """Only serve_while's helper ever contends: it must wait, not fail."""
+    lock = fuseloop.FreeLock()
+    order: list[str] = []
+
+    async def helper() -> None:
+        async with lock:
+            order.append("helper")
+
+    async with trio.open_nursery() as nursery, lock:
+        nursery.start_soon(helper)
+        await trio.testing.wait_all_tasks_blocked()
+        order.append("first")  # the helper is parked, not holding the lock
+    assert order == ["first", "helper"]
+
+
+async def test_serve_while_bounds_the_wait() -> None:
+    """Outside serve() there is no helper: a call that finishes is waited for, one that
+    blocks is left to its thread once the timeout has passed."""
+    assert await fuseloop.serve_while(lambda: None, 5.0)
+    release = threading.Event()
+    try:
+        start = time.monotonic()
+        assert not await fuseloop.serve_while(release.wait, 0.1)
+        assert time.monotonic() - start < 5
+    finally:
+        release.set()
 
 
 def test_proxy_passes_everything_else_through() -> None:
