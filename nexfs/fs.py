@@ -22,7 +22,6 @@ import functools
 import logging
 import os
 import stat
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -1050,10 +1049,10 @@ class FileSystem:
         if self.atime == "strictatime":
             return True
         # relatime (Linux's relatime_need_update): the first read after a change, and
-        # then once a day.  The coarse clock is plenty for the day.
+        # then once a day, judged with the clock the times come from (the coarse clock can
+        # be behind it by a tick, and a day-old atime would then look a tick too young).
         return (inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
-                or time.clock_gettime_ns(clock.CLOCK_REALTIME_COARSE) - inode.atime_ns
-                >= _DAY_NS)
+                or _now() - inode.atime_ns >= _DAY_NS)
 
     def _note_access(self, inode: Inode) -> bool:
         if not self._atime_due(inode):
