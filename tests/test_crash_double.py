@@ -36,13 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from crashsim import CrashState, RecordingDevice, crash_states, write_prefixes
-from fsview import ROOT, View, explain_match, take_view
+from fsview import ROOT
 from memdev import MemDevice
-from test_crash_explore import Mark, Workload, resolve, split
+from test_crash_explore import Mark, Workload, check_state, resolve, split
 
-from nexfs.checker import scan
 from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.types import FsError
 
 LONG = os.environ.get("NEXFS_LONG") == "1"
 NAMES = ["a", "b", "c", "d/a", "d/b"]
@@ -140,30 +138,6 @@ def _gap(note: str) -> bool:
     it lost or tore."""
     kept = [(int(x.rstrip("t")), x.endswith("t")) for x in note.split(",") if x]
     return any(t or i != n for n, (i, t) in enumerate(kept)) and len(kept) > 1
-
-
-def check_state(cs: CrashState, views: list[View], what: str) -> str | None:
-    """The oracle for one crash state: None, or what is wrong."""
-    marks = [m for m in cs.marks_issued if isinstance(m, Mark)]
-    durable = max((m.index for m in marks if m.kind == "durable"), default=0)
-    latest = max((m.index for m in marks), default=0)
-    where = f"{what}: epoch {cs.epoch} writes {cs.note!r} (states {durable}..{latest})"
-    try:
-        fs = FileSystem.open(cs.device, atime="noatime")
-    except FsError as exc:
-        return f"{where}: does not open: {exc}"
-    try:
-        found = scan(fs.store)
-        if not found.clean:
-            return f"{where}: fsck: {found.problems[:5]}"
-        seen = take_view(fs)
-        why = explain_match(seen, views[durable : latest + 1])
-        if why is not None:
-            return (f"{where}: not a state the workload went through: {why}\nseen:\n"
-                    f"{seen.describe()}\nlast fsync'd:\n{views[durable].describe()}")
-    finally:
-        fs.close()
-    return None
 
 
 @dataclass

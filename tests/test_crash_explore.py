@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from crashsim import RecordingDevice, crash_states
+from crashsim import CrashState, RecordingDevice, crash_states
 from fsview import ROOT, View, explain_match, take_view
 from memdev import MemDevice
 
@@ -114,6 +114,37 @@ def split(path: str) -> tuple[str, bytes]:
     return head, name.encode()
 
 
+def check_state(cs: CrashState, views: list[View], what: str,
+                extra: Callable[[FileSystem, View, int, int], None] | None = None
+                ) -> str | None:
+    """The oracle for one crash state: None, or what is wrong.  The state must open, be
+    fsck-clean and show one of the states the workload went through between the last one
+    made durable and the last one begun (``views``, indexed by the marks)."""
+    marks = [m for m in cs.marks_issued if isinstance(m, Mark)]
+    durable = max((m.index for m in marks if m.kind == "durable"), default=0)
+    latest = max((m.index for m in marks), default=0)
+    where = f"{what}: epoch {cs.epoch} writes {cs.note!r} (states {durable}..{latest})"
+    try:
+        fs = FileSystem.open(cs.device, atime="noatime")
+    except FsError as exc:
+        return f"{where}: does not open: {exc}"
+    try:
+        found = scan(fs.store)
+        if not found.clean:
+            return f"{where}: fsck: {found.problems[:5]}"
+        seen = take_view(fs)
+        why = explain_match(seen, views[durable : latest + 1])
+        if why is not None:
+            return (f"{where}: state after the crash is not one the workload went through: "
+                    f"{why}\nseen:\n{seen.describe()}\nlast fsync'd:\n"
+                    f"{views[durable].describe()}")
+        if extra is not None:
+            extra(fs, seen, durable, latest)
+    finally:
+        fs.close()
+    return None
+
+
 def check_crash_states(log: list, base: MemDevice, views: list[View], *, per_barrier: int,
                        seed: int, what: str,
                        extra: Callable[[FileSystem, View, int, int], None] | None = None
@@ -122,26 +153,8 @@ def check_crash_states(log: list, base: MemDevice, views: list[View], *, per_bar
     checked = 0
     for cs in crash_states(log, base, subsets_per_barrier=per_barrier,
                            rng=random.Random(seed)):
-        marks = [m for m in cs.marks_issued if isinstance(m, Mark)]
-        durable = max((m.index for m in marks if m.kind == "durable"), default=0)
-        latest = max((m.index for m in marks), default=0)
-        where = f"{what}: epoch {cs.epoch} writes {cs.note!r} (states {durable}..{latest})"
-        try:
-            fs = FileSystem.open(cs.device, atime="noatime")
-        except FsError as exc:
-            raise AssertionError(f"{where}: does not open: {exc}") from exc
-        try:
-            found = scan(fs.store)
-            assert found.clean, f"{where}: fsck: {found.problems[:5]}"
-            seen = take_view(fs)
-            why = explain_match(seen, views[durable : latest + 1])
-            assert why is None, (f"{where}: state after the crash is not one the workload "
-                                 f"went through: {why}\nseen:\n{seen.describe()}\n"
-                                 f"last fsync'd:\n{views[durable].describe()}")
-            if extra is not None:
-                extra(fs, seen, durable, latest)
-        finally:
-            fs.close()
+        problem = check_state(cs, views, what, extra)
+        assert problem is None, problem
         checked += 1
     return checked
 
