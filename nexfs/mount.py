@@ -442,6 +442,9 @@ def open_volume(config: MountConfig, seams: Seams = NO_SEAMS) -> tuple[Any, Any]
     except OSError as exc:
         valve.close()
         raise MountError(describe_os_error(config.image, exc)) from None
+    except ValueError as exc:  # a value refused on the way (a device factory's, say)
+        valve.close()
+        raise MountError(str(exc), EXIT_USAGE) from None
     except BaseException:
         valve.close()
         raise
