@@ -62,25 +62,12 @@ COMMIT_INTERVAL = 5.0
 """Seconds between background commits: at most this much acknowledged work is lost on a
 crash or power failure (the same promise as ext4's default ``commit=5``)."""
 
-FAULT_ENV = "NEXFS_TEST_FAULT"
-"""Test-only fault injection, read once at startup: ``<op>`` or ``<op>:<name>`` makes the
-handler ``<op>`` raise RuntimeError (for every request, or only for requests naming
-``<name>``: a file name or an xattr name).  Used by the mount tests to prove that a failing
-handler answers EIO and leaves the mount up."""
-
 T = TypeVar("T")
 
 # The kernel's idea of a file handle: we hand out our own numbers so that each open keeps the
 # credentials it was opened with (write requests carry none, and the core clears set-ID bits
 # on a write by a non-root user).
 _Handle = tuple[int, Ctx]
-
-
-def _parse_fault(spec: str | None) -> tuple[str, bytes | None] | None:
-    if not spec:
-        return None
-    op, _, name = spec.partition(":")
-    return op, (os.fsencode(name) if name else None)
 
 
 def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
@@ -95,8 +82,6 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
             log.debug("%s(%s)", op, ", ".join(_brief(a) for a in args))
         before = self.fs.error
         try:
-            if self.fault is not None and self.fault[0] == op:
-                self.check_fault(op, args)
             result = fn(self, *args)
         except pyfuse3.FUSEError:
             raise
@@ -140,15 +125,11 @@ class FuseAdapter(pyfuse3.Operations):
     # LOOKUP(ino, ".."); the generation in every reply tells a reused inode number apart.
     supports_dot_lookup = True
 
-    def __init__(self, fs: FileSystem, *, debug: bool = False,
-                 fault: str | None = None) -> None:
+    def __init__(self, fs: FileSystem, *, debug: bool = False) -> None:
         super().__init__()
         self.fs = fs
         self.enable_acl = fs.acl
         self.debug = debug
-        self.fault = _parse_fault(fault)
-        if self.fault is not None:
-            log.warning("test fault injection active: %s=%s", FAULT_ENV, fault)
         self._lookups: dict[int, int] = {}
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
@@ -197,13 +178,6 @@ class FuseAdapter(pyfuse3.Operations):
             # Marking writes the superblock; if even that fails the device is gone, and the
             # mount must still stay up to answer EIO.
             log.exception("could not mark the volume as needing fsck")
-
-    def check_fault(self, op: str, args: Sequence[object]) -> None:
-        """Raise the injected fault if this request matches ``NEXFS_TEST_FAULT``."""
-        assert self.fault is not None
-        name = self.fault[1]
-        if name is None or name in args:
-            raise RuntimeError(f"injected fault in {op} ({FAULT_ENV})")
 
     # -- helpers --------------------------------------------------------------------------
 

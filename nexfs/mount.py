@@ -96,6 +96,24 @@ class MountError(Exception):
         self.code = code
 
 
+@dataclass(frozen=True)
+class Seams:
+    """Parts a program embedding the mount may put around the product's own, through
+    :func:`main`.  The mount command never sets them: the fault-injecting launcher of the
+    test suite (tests/faultmount.py) does, so that no test machinery lives in the product.
+
+    ``device(capability, read_only)`` returns what the filesystem is opened on: the valve
+    capability itself or an object with the same interface around it.
+    ``adapter(filesystem, debug)`` returns the pyfuse3 operations object (by default a
+    :class:`nexfs.fuse_adapter.FuseAdapter`)."""
+
+    device: Callable[[Any, bool], Any] | None = None
+    adapter: Callable[[Any, bool], Any] | None = None
+
+
+NO_SEAMS = Seams()
+
+
 @dataclass
 class MountConfig:
     """Everything the command line and ``-o`` decided."""
@@ -386,12 +404,12 @@ def fuse_options(config: MountConfig, *, read_only: bool) -> set[str]:
     return options
 
 
-def open_volume(config: MountConfig) -> tuple[Any, Any]:
+def open_volume(config: MountConfig, seams: Seams = NO_SEAMS) -> tuple[Any, Any]:
     """Open the image through the valve and the filesystem on it (replaying the journal if
-    the volume was not unmounted cleanly).  Returns (valve, filesystem)."""
+    the volume was not unmounted cleanly), on ``seams.device``'s wrapper of the capability
+    if there is one.  Returns (valve, filesystem)."""
     from valve import DeviceBusyError, Rights, Valve
 
-    from . import devfault
     from .fs import FileSystem
     from .layout import NotNexfsError
     from .tool import describe_os_error
@@ -405,9 +423,9 @@ def open_volume(config: MountConfig) -> tuple[Any, Any]:
         raise MountError(describe_os_error(config.image, exc)) from None
     try:
         rights = Rights.READ if config.read_only else Rights.READ | Rights.WRITE
-        # Test-only (docs/MOUNT.md): a device that fails on cue, where dm-error is missing.
-        cap = devfault.wrap(valve.grant(rights), os.environ.get(devfault.DEVICE_FAULT_ENV),
-                            config.read_only)
+        cap = valve.grant(rights)
+        if seams.device is not None:
+            cap = seams.device(cap, config.read_only)
         fs = FileSystem.open(cap, read_only=config.read_only,
                              cache_blocks=config.cache_blocks,
                              data_cache_blocks=config.data_cache_blocks, atime=config.atime,
@@ -424,7 +442,7 @@ def open_volume(config: MountConfig) -> tuple[Any, Any]:
     except OSError as exc:
         valve.close()
         raise MountError(describe_os_error(config.image, exc)) from None
-    except ValueError as exc:  # a malformed test fault specification
+    except ValueError as exc:  # a value refused on the way (a device factory's, say)
         valve.close()
         raise MountError(str(exc), EXIT_USAGE) from None
     except BaseException:
@@ -448,14 +466,15 @@ async def _serve_loop(ops: Any, config: MountConfig, stop: StopRequest) -> None:
         nursery.cancel_scope.cancel()
 
 
-def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
+def serve(config: MountConfig, ready: Callable[[str | None], None],
+          seams: Seams = NO_SEAMS) -> int:
     """Open, mount and serve until unmounted.  ``ready(note)`` is called once the mount is
     up (``note`` is a warning for the user, or None); a MountError before that is raised to
     the caller."""
     import pyfuse3
     import trio
 
-    from .fuse_adapter import FAULT_ENV, FuseAdapter
+    from .fuse_adapter import FuseAdapter
 
     signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
     if config.foreground:
@@ -466,10 +485,13 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = StopRequest(signals)
     with stop.installed():
-        valve, fs = open_volume(config)
+        valve, fs = open_volume(config, seams)
         code = EXIT_OK
         try:
-            ops = FuseAdapter(fs, debug=config.debug, fault=os.environ.get(FAULT_ENV))
+            if seams.adapter is not None:
+                ops = seams.adapter(fs, config.debug)
+            else:
+                ops = FuseAdapter(fs, debug=config.debug)
             if stop.received is not None:
                 log.info("interrupted before mounting")
                 return EXIT_OK
@@ -519,7 +541,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
         return code
 
 
-def daemonize(config: MountConfig) -> int:
+def daemonize(config: MountConfig, seams: Seams = NO_SEAMS) -> int:
     """Fork; the child mounts and reports over a pipe; the parent returns only then."""
     read_fd, write_fd = os.pipe()  # not inherited by helpers the child spawns (O_CLOEXEC)
     pid = os.fork()
@@ -531,7 +553,7 @@ def daemonize(config: MountConfig) -> int:
     try:
         os.setsid()
         os.chdir("/")  # do not keep the caller's directory busy
-        code = _child(config, write_fd)
+        code = _child(config, write_fd, seams)
     finally:
         logging.shutdown()
         os._exit(code)
@@ -566,7 +588,7 @@ def _wait_for_child(pid: int, read_fd: int) -> int:
     return EXIT_FAILED
 
 
-def _child(config: MountConfig, write_fd: int) -> int:
+def _child(config: MountConfig, write_fd: int, seams: Seams) -> int:
     reported = False
 
     def tell(message: str) -> None:
@@ -593,7 +615,7 @@ def _child(config: MountConfig, write_fd: int) -> int:
         tell(f"cannot open the log: {exc}")
         return EXIT_FAILED
     try:
-        return serve(config, ready)
+        return serve(config, ready, seams)
     except MountError as exc:
         log.error("%s", exc)
         tell(str(exc))
@@ -604,8 +626,9 @@ def _child(config: MountConfig, write_fd: int) -> int:
         return EXIT_INTERNAL
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The mount.nexfs command (also ``python mount.py`` and ``nexfs SOURCE DIR -o ...``)."""
+def main(argv: list[str] | None = None, seams: Seams = NO_SEAMS) -> int:
+    """The mount.nexfs command (also ``python mount.py`` and ``nexfs SOURCE DIR -o ...``);
+    ``seams`` as :class:`Seams` says (none for the command itself)."""
     try:
         config = parse_args(argv)
         if config.default_mode:
@@ -620,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_FAILED
     if not config.foreground:
-        return daemonize(config)
+        return daemonize(config, seams)
     setup_logging(config, background=False)
 
     def ready(note: str | None) -> None:
@@ -632,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
 
     try:
-        return serve(config, ready)
+        return serve(config, ready, seams)
     except MountError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.code

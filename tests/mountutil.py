@@ -2,9 +2,10 @@
 
 A test gets a :class:`Mounter` (fixture ``mounter``) or a ready mount (fixture ``mounted``).
 Each mount is ``python mount.py IMAGE MOUNTPOINT --foreground`` in a subprocess, exactly as a
-user starts it; readiness is polled in /proc/mounts (never a sleep), and teardown always
-unmounts (``fusermount3 -u``; SIGKILL and ``fusermount3 -uz`` only as a last resort), checks
-the daemon's log for tracebacks, errors and warnings the test did not declare, and runs fsck on
+user starts it (with injected faults: the same mount command through tests/faultmount.py);
+readiness is polled in /proc/mounts (never a sleep), and teardown always unmounts
+(``fusermount3 -u``; SIGKILL and ``fusermount3 -uz`` only as a last resort), checks the
+daemon's log for tracebacks, errors and warnings the test did not declare, and runs fsck on
 every image, which must be clean.
 
 Import the fixtures explicitly in a test module::
@@ -30,6 +31,7 @@ import pytest
 
 REPO = Path(__file__).absolute().parents[1]
 MOUNT_PY = REPO / "mount.py"
+FAULT_MOUNT_PY = REPO / "tests" / "faultmount.py"
 PYTHON = sys.executable
 TEST_IMAGE_SIZE = "1G"
 
@@ -44,7 +46,6 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env["PATH"] = os.pathsep.join((str(Path(PYTHON).parent), env.get("PATH", "")))
-    env.pop("NEXFS_TEST_FAULT", None)
     env.update(extra or {})
     return env
 
@@ -150,19 +151,22 @@ class Mount:
     """One ``mount.py IMAGE MOUNTPOINT --foreground`` process."""
 
     def __init__(self, image: Path, mountpoint: Path, log: Path, options: Sequence[str] = (),
-                 env: dict[str, str] | None = None, args: Sequence[str] = ()) -> None:
+                 env: dict[str, str] | None = None, args: Sequence[str] = (),
+                 faults: Sequence[str] = ()) -> None:
         self.image = image
         self.mountpoint = mountpoint
         self.log = log
         self.options = list(options)
         self.env = env
         self.args = list(args)
+        self.faults = list(faults)  # faultmount.py's options, e.g. ["--device-fault", SPEC]
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
         self.expected_log: list[str] = []  # regexes of log lines the test expects
 
     def command(self) -> list[str]:
-        cmd = [PYTHON, str(MOUNT_PY), str(self.image), str(self.mountpoint), "--foreground",
+        launcher = [str(FAULT_MOUNT_PY), *self.faults, "--"] if self.faults else [str(MOUNT_PY)]
+        cmd = [PYTHON, *launcher, str(self.image), str(self.mountpoint), "--foreground",
                *self.args]
         if self.options:
             cmd += ["-o", ",".join(self.options)]
@@ -260,13 +264,18 @@ class Mounter:
 
     def mount(self, image: Path | None = None, mountpoint: Path | None = None,
               options: Sequence[str] = (), env: dict[str, str] | None = None,
-              args: Sequence[str] = (), start: bool = True) -> Mount:
+              args: Sequence[str] = (), start: bool = True, device_fault: str | None = None,
+              handler_fault: str | None = None) -> Mount:
+        """A mount of ``image`` (a new one if None); ``device_fault`` and ``handler_fault``
+        are tests/faultmount.py's specifications (the mount then runs through it)."""
         image = image if image is not None else self.image()
         if image not in self.images:
             self.images.append(image)
         mnt = mountpoint if mountpoint is not None else self.mountpoint()
         log = self.tmp_path / f"mount-{len(self.mounts)}.log"
-        m = Mount(image, mnt, log, options, env, args)
+        faults = [*(["--device-fault", device_fault] if device_fault else []),
+                  *(["--handler-fault", handler_fault] if handler_fault else [])]
+        m = Mount(image, mnt, log, options, env, args, faults)
         self.mounts.append(m)
         if start:
             m.start()

@@ -1,8 +1,8 @@
 """Device faults and a full disk, seen through the kernel mount by ordinary processes.
 
 Device faults: device-mapper (dm-error, dm-flakey) is not available in the CI containers, so
-the daemon's capability is wrapped by the test-only hook ``NEXFS_TEST_DEVICE_FAULT``
-(nexfs/devfault.py), armed by creating a file once the test has made its data durable.
+the daemon's capability is wrapped in tests/faultdev.py's injector (the mount runs through
+tests/faultmount.py), armed by creating a file once the test has made its data durable.
 Faults: EIO on the N-th write, a short (half) write, EIO on a flush (barrier), a device that
 dies for good (every write fails), and EIO on a read.
 
@@ -39,7 +39,6 @@ from mountutil import (  # noqa: F401
 
 pytestmark = pytest.mark.mount
 
-FAULT_ENV = "NEXFS_TEST_DEVICE_FAULT"
 EARLY = [f"early{i:02d}" for i in range(12)]
 SEED = 5
 
@@ -57,7 +56,7 @@ def write_durable(directory: Path, names: list[str], seed: int) -> None:
 def expect_fault_log(m: Mount) -> None:
     """The lines a deliberately failing device produces (anything else still fails)."""
     m.expect_log(r"test device fault (injection active|armed)")
-    m.expect_log(r"injected device fault")
+    m.expect_log(r"injected fault")
     m.expect_log(r"filesystem error, continuing read-only|could not mark the superblock|"
                  r"needs fsck|device error|answered EIO")
 
@@ -78,7 +77,7 @@ def test_device_write_fault(mounter: Mounter, tmp_path: Path, spec: str) -> None
     # commit=3600: no background commit, so every device write happens inside a request
     # and its failure reaches the process that made it.
     m = mounter.mount(image, options=["commit=3600"],
-                      env={FAULT_ENV: f"{spec},after={arm}"})
+                      device_fault=f"{spec},after={arm}")
     expect_fault_log(m)
     mnt = m.mountpoint
     (mnt / "early").mkdir()
@@ -113,7 +112,7 @@ def test_device_write_fault(mounter: Mounter, tmp_path: Path, spec: str) -> None
         (mnt / "after").write_bytes(b"x")
     assert info.value.errno == errno.EROFS
     log = m.log_text()
-    assert re.search(r"injected device fault .*failed", log), log
+    assert re.search(r"injected fault: .*failed", log), log
     assert "continuing read-only" in log, log
     assert m.unmount() == 3  # EXIT_NEEDS_FSCK
 
@@ -147,9 +146,9 @@ def test_device_read_fault(mounter: Mounter, tmp_path: Path) -> None:
     assert m.unmount() == 0
 
     arm = tmp_path / "arm"
-    m = mounter.mount(image, env={FAULT_ENV: f"read:1,sticky,after={arm}"})
+    m = mounter.mount(image, device_fault=f"read:1,sticky,after={arm}")
     m.expect_log(r"test device fault (injection active|armed|disarmed)")
-    m.expect_log(r"injected device fault")
+    m.expect_log(r"injected fault")
     mnt = m.mountpoint
     os.stat(mnt / "big")  # inode and directory now cached: the next device reads are data
     # Sticky: the kernel retries a failed readahead with a synchronous read, which must
@@ -162,8 +161,8 @@ def test_device_read_fault(mounter: Mounter, tmp_path: Path) -> None:
     arm.unlink()  # the device recovers
     assert (mnt / "big").read_bytes() == big
     (mnt / "new").write_text("still writable")
-    assert re.search(r"ERROR .*device error reading data .*injected device fault "
-                     r"\(NEXFS_TEST_DEVICE_FAULT\): read", m.log_text()), m.log_text()
+    assert re.search(r"ERROR .*device error reading data .*injected fault: read",
+                     m.log_text()), m.log_text()
     assert m.unmount() == 0
 
 
