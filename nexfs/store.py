@@ -21,10 +21,12 @@ Rules for callers (the concurrency invariant of metastore.py applies):
 * keep a transaction below ``max_txn_blocks``: check ``should_commit()`` between operations
   and split huge operations (e.g. truncating a huge file) into several.
 
-Errors.  A CorruptionError or a device error inside the store puts it in the *error state*:
-the running transaction is discarded (the volume stays at its last commit), the superblock is
-marked ERROR with the reason (best effort), and every later mutation raises FsError(EROFS).
-Reads keep working.
+Errors.  The store only raises; whether a failure puts the volume in the *error state* is
+decided by its failure policy (``store.failures``, nexfs/failure.py), to which every guarded
+public method hands what it raises: a CorruptionError or a device error does.  In the error
+state the running transaction is discarded (the volume stays at its last commit), the
+superblock is marked ERROR with the reason (best effort), and every later mutation raises
+FsError(EROFS).  Reads keep working.
 """
 
 from __future__ import annotations
