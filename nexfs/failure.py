@@ -95,16 +95,19 @@ class FailurePolicy:
         elif isinstance(exc, OSError):
             reason = f"device error: {exc}"
         elif isinstance(exc, Exception):
-            log.error("%sinternal error", f"{where}: " if where else "", exc_info=exc)
             reason = f"internal error: {exc!r}"
         else:
             return  # KeyboardInterrupt, SystemExit...: not a verdict on the volume
         with contextlib.suppress(AttributeError, TypeError):
             setattr(exc, _DECIDED, True)
+        bug = not isinstance(exc, FsError | OSError)
         if self._state.error is not None:
             # Already read-only; a further failure is still worth its own line.
-            log.error("%s%s", f"{where}: " if where else "", reason)
+            log.error("%s%s", f"{where}: " if where else "", reason,
+                      exc_info=exc if bug else None)
             return
+        if bug:
+            log.error("%sinternal error", f"{where}: " if where else "", exc_info=exc)
         self.enter(reason)
 
     def enter(self, reason: str) -> None:

@@ -1118,13 +1118,15 @@ class FileSystem:
                          head: list[tuple[bytes, Attr, int]]
                          ) -> Iterator[tuple[bytes, Attr, int]]:
         yield from head
-        for entry_cookie, name, child, _kind in self._dir(directory).iter_from(cookie):
-            try:
+        try:
+            # Runs after readdir's wrapper has returned: the rest of the listing is a
+            # boundary of its own.
+            for entry_cookie, name, child, _kind in self._dir(directory).iter_from(cookie):
                 attr = self._attr(self._entry_inode(directory, name, child))
-            except CorruptionError as exc:
-                self.failures.failed(exc, where="readdir")
-                raise
-            yield name, attr, entry_cookie
+                yield name, attr, entry_cookie
+        except Exception as exc:
+            self.failures.failed(exc, where="readdir")
+            raise
 
     @_reading
     def statfs(self) -> StatFs:

@@ -3,11 +3,12 @@
 Every handler is a thin synchronous function over the core, wrapped by :func:`_handler` into
 the coroutine pyfuse3 awaits.  The wrapper is the one place where errors become errno:
 
+* Whether a failure damages the volume is not decided here: the failure is handed to the
+  failure policy (nexfs/failure.py), which the core's public methods have normally done
+  already (it decides each failure once).
 * :class:`~nexfs.types.FsError` (a :class:`~nexfs.types.CorruptionError` too) becomes
-  ``FUSEError(errno)``.  Whether a failure damages the volume is not decided here: every
-  public method of the core has handed it to the failure policy (nexfs/failure.py) already.
-* Anything else is a bug: it goes to the failure policy (which logs it with its traceback and
-  marks the volume as needing fsck, read-only from then on) and the caller gets EIO.  pyfuse3 ends
+  ``FUSEError(errno)``; anything else is a bug (the policy logs it with its traceback and marks
+  the volume as needing fsck, read-only from then on) and the caller gets EIO.  pyfuse3 ends
   its main loop, and with it the mount, on any exception that is not ``FUSEError``; the
   wrapper makes sure no such exception ever reaches it.
 
@@ -145,19 +146,19 @@ class FuseAdapter(pyfuse3.Operations):
     def errno_of(self, op: str, exc: BaseException) -> int:
         """The errno to answer for ``exc`` raised while handling ``op``.
 
-        Whether the failure damages the volume is not decided here: the core's public
-        methods have handed it to the failure policy already (nexfs/failure.py), and a
-        failure of the adapter's own code is handed to it now."""
-        if isinstance(exc, FsError):
-            if self.debug:
-                log.debug("%s -> %s", op, errno.errorcode.get(exc.errno, exc.errno))
-            return exc.errno
+        Whether the failure damages the volume is not decided here: the adapter is one more
+        boundary that hands it to the failure policy (nexfs/failure.py), which has normally
+        decided it already in the core's public method and then does nothing more."""
         try:
             self.fs.failures.failed(exc, where=op)
         except Exception:
             # Marking writes the superblock; if even that fails the device is gone, and the
             # mount must still stay up to answer EIO.
             log.exception("could not mark the volume as needing fsck")
+        if isinstance(exc, FsError):
+            if self.debug:
+                log.debug("%s -> %s", op, errno.errorcode.get(exc.errno, exc.errno))
+            return exc.errno
         return errno.EIO
 
     # -- helpers --------------------------------------------------------------------------

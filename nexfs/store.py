@@ -522,7 +522,8 @@ class Store:
 
     def _join(self, block: MetaBlock) -> None:
         if block.blkno not in self._running and len(self._running) >= self.max_txn_blocks:
-            exc = FsError(errno.EIO, "transaction too large for the journal")
+            exc = FsError(errno.EIO, f"transaction exceeds the journal "
+                                     f"({self.max_txn_blocks} blocks)")
             self.failures.failed(exc, changed=True)
             raise exc
         self._running[block.blkno] = block

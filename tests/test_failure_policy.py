@@ -4,6 +4,7 @@ many boundaries it crosses."""
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import pytest
@@ -12,6 +13,8 @@ from memdev import MemDevice
 from nexfs.attr import Ctx
 from nexfs.failure import FailurePolicy
 from nexfs.fs import FAILURE_BOUNDARY, ROOT_INO, FileSystem
+from nexfs.metastore import MetaBlock
+from nexfs.types import BlockNo
 
 ROOT = Ctx()
 
@@ -60,8 +63,12 @@ def test_a_bug_in_any_boundary_is_decided_once(name: str, caplog: pytest.LogCapt
     def boom(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("injected bug")
 
-    monkeypatch.setattr(fs.store, "commit", boom)  # reached by open(O_TRUNC), fsync, commit
-    monkeypatch.setattr(fs.inodes, "get", boom)    # reached by every other one
+    if name == "open_file":  # O_TRUNC: the bug is in the setattr that open_file calls
+        monkeypatch.setattr(fs, "release_data", boom)
+    elif name in ("fsync", "commit"):
+        monkeypatch.setattr(fs.store, "commit", boom)
+    else:
+        monkeypatch.setattr(fs.inodes, "get", boom)
     calls = {"open_file": (ino, 0o1001, ROOT), "fsync": (ino, False), "fsyncdir": (ROOT_INO,),
              "getattr": (ino,), "commit": ()}
     with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError):
@@ -95,3 +102,31 @@ def test_policy_enters_the_error_state_once() -> None:
     policy.failed(exc)
     policy.failed(OSError(5, "again"))
     assert entered == ["device error: [Errno 5] gone"] and heard == [1]
+
+
+def _never_decoded(blkno: BlockNo, raw: memoryview) -> MetaBlock:
+    raise AssertionError("the block number is refused before it is read")
+
+
+def test_adapter_only_maps_errno(caplog: pytest.LogCaptureFixture) -> None:
+    """The adapter answers with the errno and leaves the verdict to the policy: a failure the
+    core has decided is not logged or decided again; one that reaches the adapter undecided
+    (a bug of its own) is decided there, once."""
+    from nexfs.fuse_adapter import FuseAdapter
+    from nexfs.types import CorruptionError, FsError
+
+    fs = _fs()
+    adapter = FuseAdapter(fs)
+    with caplog.at_level(logging.ERROR):
+        assert adapter.errno_of("lookup", FsError(errno.ENOENT)) == errno.ENOENT
+        assert fs.error is None and not caplog.records
+        with pytest.raises(CorruptionError) as decided:  # the backup superblock: not metadata
+            fs.store.get(BlockNo(fs.store.geo.backup_sb), _never_decoded)
+        assert fs.error is not None and "outside the metadata area" in fs.error
+        logged = len(caplog.records)
+        assert adapter.errno_of("read", decided.value) == errno.EIO
+        assert len(caplog.records) == logged, "decided twice"
+        assert adapter.errno_of("read", KeyError("bug")) == errno.EIO
+        assert len(caplog.records) == logged + 1 and caplog.records[-1].exc_info
+    assert not [n for n in vars(adapter) if "report" in n]
+    fs.close()
