@@ -4,8 +4,10 @@ Contract.  The store and the layers under it only *raise* (typed: :class:`Corrup
 an ``OSError`` from the device, :class:`FsError`); the FUSE adapter only maps exceptions to
 errno.  Deciding is done here, by :meth:`FailurePolicy.failed`, which every boundary calls
 with the exception that crossed it: the guarded public methods of the store (for its direct
-users, fsck and the tools), every public method of :class:`~nexfs.fs.FileSystem`, and the
-adapter for a failure of its own code.  The decision table:
+users, fsck and the tools), every public method of :class:`~nexfs.fs.FileSystem` (and the
+lazily run rest of a readdir listing), and the FUSE adapter's handlers, which hand over
+whatever reached them (normally decided already; a bug of the adapter's own code is not).
+The decision table:
 
 * ``CorruptionError``: damaged, unless fsck is inside :meth:`tolerating_damage` (it expects
   damage and reports it itself).
