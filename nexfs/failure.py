@@ -105,11 +105,12 @@ class FailurePolicy:
         bug = not isinstance(exc, FsError | OSError)
         if self._state.error is not None:
             # Already read-only; a further failure is still worth its own line.
-            log.error("%s%s", f"{where}: " if where else "", reason,
-                      exc_info=exc if bug else None)
+            log.error("%s failed (%s); the volume is read-only and needs fsck",
+                      where or "an operation", reason, exc_info=exc if bug else None)
             return
         if bug:
-            log.error("%sinternal error", f"{where}: " if where else "", exc_info=exc)
+            log.error("%s failed: internal error; the volume needs fsck and is now read-only",
+                      where or "an operation", exc_info=exc)
         self.enter(reason)
 
     def enter(self, reason: str) -> None:
