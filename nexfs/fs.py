@@ -29,6 +29,7 @@ from . import acl as acls
 from . import clock, perms
 from .attr import UTIME_NOW, Attr, Ctx, SetAttr, StatFs
 from .dirindex import DirIndex
+from .failure import FailurePolicy
 from .fileio import FileData
 from .inode import DATA_AREA_SIZE, DIR_ROOT, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
 from .inodes import InodeCache, OwnedStore
@@ -93,28 +94,36 @@ def _mutating(fn: Callable[..., T]) -> Callable[..., T]:
                 result = fn(self, *args, **kwargs)
                 self.inodes.flush()
         except BaseException as exc:
-            self._after_failure(exc, changed=self.store.change_count() != mark
-                                or self.inodes.has_dirty())
+            self.failures.failed(exc, changed=self.store.change_count() != mark
+                                       or self.inodes.has_dirty(), where=fn.__name__)
             raise
         if self.store.should_commit():
-            self.store.commit(durable=False)
+            self.store.commit(durable=False)  # a guarded store method: the policy decides
         return result
 
+    setattr(wrapper, FAILURE_BOUNDARY, True)
     return wrapper
 
 
 def _reading(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a read-only operation: corruption and device errors are reported once."""
+    """Wrap an operation that changes nothing by itself (or commits what others changed):
+    a failure goes to the failure policy (nexfs/failure.py), which decides."""
 
     @functools.wraps(fn)
     def wrapper(self: FileSystem, *args: Any, **kwargs: Any) -> T:
         try:
             return fn(self, *args, **kwargs)
         except BaseException as exc:
-            self._after_failure(exc, changed=False)
+            self.failures.failed(exc, where=fn.__name__)
             raise
 
+    setattr(wrapper, FAILURE_BOUNDARY, True)
     return wrapper
+
+
+FAILURE_BOUNDARY = "_nexfs_failure_boundary"
+"""Set on every wrapped public method (tests/test_failure_policy.py checks that none is
+missing)."""
 
 
 class FileSystem:
@@ -134,7 +143,7 @@ class FileSystem:
         # use by one walk of the list; see _orphan_links.
         self._orphan_prev: dict[int, int] | None = None
         self._error_at_open = store.error  # a volume opened read-only because marked ERROR
-        self._inodes_valid_for = store.error  # see _after_failure
+        self.failures.on_error(self._forget_uncommitted)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -175,6 +184,7 @@ class FileSystem:
             raise
         return fs
 
+    @_reading
     def close(self) -> None:
         """Drop every in-memory reference, commit, checkpoint and mark the volume clean."""
         if not self.read_only:
@@ -196,12 +206,18 @@ class FileSystem:
     def error(self) -> str | None:
         return self.store.error
 
+    @property
+    def failures(self) -> FailurePolicy:
+        """The volume's failure policy (nexfs/failure.py)."""
+        return self.store.failures
+
+    @_reading
     def mark_error(self, reason: str) -> None:
         """Something went wrong that the volume can't be trusted after: stop writing and
         record that it needs fsck."""
-        self.inodes.discard_dirty()
-        self.store.mark_error(reason)
+        self.failures.enter(reason)
 
+    @_reading
     def commit(self, durable: bool = True) -> None:
         """Commit the running transaction (called on a timer by the mount)."""
         if self.read_only:
@@ -210,29 +226,14 @@ class FileSystem:
             self.inodes.flush()
             self.store.commit(durable=durable)
         except BaseException as exc:
-            self._after_failure(exc, changed=True)
+            self.failures.failed(exc, changed=True, where="commit")
             raise
 
-    def _after_failure(self, exc: BaseException, *, changed: bool) -> None:
-        if isinstance(exc, CorruptionError):
-            log.error("%s", exc)
-            self.mark_error(str(exc))
-        elif isinstance(exc, FsError):
-            if changed and not self.read_only:
-                log.error("operation failed half-way with %s; volume is now read-only", exc)
-                self.mark_error(f"operation failed half-way: {exc}")
-        elif isinstance(exc, OSError):
-            log.error("device error: %s", exc)
-            self.mark_error(f"device error: {exc}")
-        elif isinstance(exc, Exception):
-            log.exception("internal error")
-            self.mark_error(f"internal error: {exc!r}")
-        if self.store.error is not None and self._inodes_valid_for is not self.store.error:
-            # The store discarded its running transaction: decoded inodes changed since the
-            # last commit may point at blocks that never reached the disk.  Read them again.
-            self._inodes_valid_for = self.store.error
-            self.inodes.clear()
-            self._orphan_prev = None
+    def _forget_uncommitted(self) -> None:
+        # The store discarded its running transaction: decoded inodes changed since the
+        # last commit may point at blocks that never reached the disk.  Read them again.
+        self.inodes.clear()
+        self._orphan_prev = None
 
     def _make_root(self) -> None:
         now = _now()
@@ -777,11 +778,13 @@ class FileSystem:
 
     # -- inode lifetime ---------------------------------------------------------------------
 
+    @_reading
     def ref(self, ino: int, n: int = 1) -> None:
         """Take ``n`` in-memory references (kernel lookups, open files) on ``ino``."""
         if n:
             self._refs[ino] = self._refs.get(ino, 0) + n
 
+    @_reading
     def unref(self, ino: int, n: int = 1) -> None:
         """Drop references; an inode with no names left is freed at its last reference."""
         left = self._refs.get(ino, 0) - n
@@ -818,6 +821,7 @@ class FileSystem:
         self.inodes.forget(inode.ino)
         self.store.free_inode(InodeNo(inode.ino))
 
+    @_reading
     def release_data(self, inode: Inode, keep: int, *, protect: bool = True) -> None:
         """Free the data blocks of ``inode`` (a regular file or long symlink) mapped at or
         after logical block ``keep``, in steps that each fit in a transaction, committing
@@ -1000,6 +1004,7 @@ class FileSystem:
 
     # -- file contents ----------------------------------------------------------------------
 
+    @_reading
     def open_file(self, ino: int, flags: int, ctx: Ctx) -> None:
         """Check that ``ino`` may be opened with ``flags``; O_TRUNC truncates."""
         inode = self.inodes.get(ino)
@@ -1032,6 +1037,7 @@ class FileSystem:
         self._note_access(inode)
         return data
 
+    @_reading
     def atime_due(self, ino: int) -> bool:
         """True when a read of ``ino`` now would update its atime."""
         return self._atime_due(self.inodes.get(ino))
@@ -1074,11 +1080,13 @@ class FileSystem:
             self._dirty(inode)
         return written
 
+    @_reading
     def fsync(self, ino: int, datasync: bool) -> None:
         """Make the file's data and metadata durable (and everything committed before)."""
         self.inodes.get(ino)
         self._sync()
 
+    @_reading
     def fsyncdir(self, ino: int) -> None:
         self._get_dir(ino)
         self._sync()
@@ -1110,13 +1118,15 @@ class FileSystem:
                          head: list[tuple[bytes, Attr, int]]
                          ) -> Iterator[tuple[bytes, Attr, int]]:
         yield from head
-        for entry_cookie, name, child, _kind in self._dir(directory).iter_from(cookie):
-            try:
+        try:
+            # Runs after readdir's wrapper has returned: the rest of the listing is a
+            # boundary of its own.
+            for entry_cookie, name, child, _kind in self._dir(directory).iter_from(cookie):
                 attr = self._attr(self._entry_inode(directory, name, child))
-            except CorruptionError as exc:
-                self._after_failure(exc, changed=False)
-                raise
-            yield name, attr, entry_cookie
+                yield name, attr, entry_cookie
+        except Exception as exc:
+            self.failures.failed(exc, where="readdir")
+            raise
 
     @_reading
     def statfs(self) -> StatFs:

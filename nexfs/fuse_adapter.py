@@ -3,11 +3,12 @@
 Every handler is a thin synchronous function over the core, wrapped by :func:`_handler` into
 the coroutine pyfuse3 awaits.  The wrapper is the one place where errors become errno:
 
-* :class:`~nexfs.types.FsError` becomes ``FUSEError(errno)`` quietly (ENOENT, ENOSPC, ...);
-  a :class:`~nexfs.types.CorruptionError` is also logged once with its block and structure
-  and marks the volume as needing fsck (the core normally does both before it gets here).
-* Anything else is a bug or a device failure: it is logged with its traceback, the volume is
-  marked as needing fsck (which makes it read-only), and the caller gets EIO.  pyfuse3 ends
+* Whether a failure damages the volume is not decided here: the failure is handed to the
+  failure policy (nexfs/failure.py), which the core's public methods have normally done
+  already (it decides each failure once).
+* :class:`~nexfs.types.FsError` (a :class:`~nexfs.types.CorruptionError` too) becomes
+  ``FUSEError(errno)``; anything else is a bug (the policy logs it with its traceback and marks
+  the volume as needing fsck, read-only from then on) and the caller gets EIO.  pyfuse3 ends
   its main loop, and with it the mount, on any exception that is not ``FUSEError``; the
   wrapper makes sure no such exception ever reaches it.
 
@@ -80,13 +81,12 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
     async def wrapper(self: FuseAdapter, *args: Any) -> T:
         if self.debug:
             log.debug("%s(%s)", op, ", ".join(_brief(a) for a in args))
-        before = self.fs.error
         try:
             result = fn(self, *args)
         except pyfuse3.FUSEError:
             raise
         except Exception as exc:
-            raise pyfuse3.FUSEError(self.errno_of(op, exc, before)) from None
+            raise pyfuse3.FUSEError(self.errno_of(op, exc)) from None
         if self.debug:
             log.debug("%s -> %s", op, _brief(result))
         return result
@@ -133,7 +133,6 @@ class FuseAdapter(pyfuse3.Operations):
         self._lookups: dict[int, int] = {}
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
-        self._reported: set[tuple[int, str]] = set()
         # O_DIRECT and the page cache (nexfs/invalidate.py): the handles opened with
         # O_DIRECT, how many of them each inode has, and the inodes among those that a READ
         # (which fills the kernel's page cache) has touched since their pages were dropped.
@@ -144,40 +143,23 @@ class FuseAdapter(pyfuse3.Operations):
 
     # -- the one errno translation --------------------------------------------------------
 
-    def errno_of(self, op: str, exc: BaseException, error_before: str | None) -> int:
+    def errno_of(self, op: str, exc: BaseException) -> int:
         """The errno to answer for ``exc`` raised while handling ``op``.
 
-        ``error_before`` is ``fs.error`` from before the request: when the core has already
-        reported a failure (logged it and marked the volume) during this request, it is not
-        logged a second time."""
-        reported_by_core = error_before is None and self.fs.error is not None
-        if isinstance(exc, CorruptionError):
-            key = (exc.blkno, exc.structure)
-            if not reported_by_core and key not in self._reported:
-                log.error("%s: corrupt %s at block %d: %s; the volume needs fsck and is "
-                          "now read-only", op, exc.structure, exc.blkno, exc.reason)
-                self._mark_error(f"corrupt {exc.structure} at block {exc.blkno}: {exc.reason}")
-            self._reported.add(key)
-            return exc.errno
-        if isinstance(exc, FsError):
-            if self.debug:
-                log.debug("%s -> %s", op, errno.errorcode.get(exc.errno, exc.errno))
-            return exc.errno
-        if reported_by_core:
-            log.error("%s failed (%s: %s); answered EIO", op, type(exc).__name__, exc)
-        else:
-            log.error("%s failed; answered EIO, the volume needs fsck and is now read-only",
-                      op, exc_info=exc)
-            self._mark_error(f"{op}: {type(exc).__name__}: {exc}")
-        return errno.EIO
-
-    def _mark_error(self, reason: str) -> None:
+        Whether the failure damages the volume is not decided here: the adapter is one more
+        boundary that hands it to the failure policy (nexfs/failure.py), which has normally
+        decided it already in the core's public method and then does nothing more."""
         try:
-            self.fs.mark_error(reason)
+            self.fs.failures.failed(exc, where=op)
         except Exception:
             # Marking writes the superblock; if even that fails the device is gone, and the
             # mount must still stay up to answer EIO.
             log.exception("could not mark the volume as needing fsck")
+        if isinstance(exc, FsError):
+            if self.debug:
+                log.debug("%s -> %s", op, errno.errorcode.get(exc.errno, exc.errno))
+            return exc.errno
+        return errno.EIO
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -285,11 +267,10 @@ class FuseAdapter(pyfuse3.Operations):
                 del self._lookups[ino]
             else:
                 self._lookups[ino] = held - n
-            before = self.fs.error
             try:
                 self.fs.unref(ino, n)
             except Exception as exc:
-                self.errno_of("forget", exc, before)
+                self.errno_of("forget", exc)
 
     @_handler
     def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -555,11 +536,10 @@ class FuseAdapter(pyfuse3.Operations):
 
     def commit(self) -> None:
         """Commit the running transaction; failures are reported, never raised."""
-        before = self.fs.error
         try:
             self.fs.commit(durable=True)
         except Exception as exc:
-            self.errno_of("commit", exc, before)
+            self.errno_of("commit", exc)
 
     async def commit_periodically(self, interval: float = COMMIT_INTERVAL) -> None:
         """Background task: commit every ``interval`` seconds until cancelled."""
@@ -579,8 +559,7 @@ class FuseAdapter(pyfuse3.Operations):
         self._read_since_inval.clear()
         lookups, self._lookups = self._lookups, {}
         for ino, n in lookups.items():
-            before = self.fs.error
             try:
                 self.fs.unref(ino, n)
             except Exception as exc:
-                self.errno_of("release", exc, before)
+                self.errno_of("release", exc)

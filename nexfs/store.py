@@ -21,10 +21,12 @@ Rules for callers (the concurrency invariant of metastore.py applies):
 * keep a transaction below ``max_txn_blocks``: check ``should_commit()`` between operations
   and split huge operations (e.g. truncating a huge file) into several.
 
-Errors.  A CorruptionError or a device error inside the store puts it in the *error state*:
-the running transaction is discarded (the volume stays at its last commit), the superblock is
-marked ERROR with the reason (best effort), and every later mutation raises FsError(EROFS).
-Reads keep working.
+Errors.  The store only raises; whether a failure puts the volume in the *error state* is
+decided by its failure policy (``store.failures``, nexfs/failure.py), to which every guarded
+public method hands what it raises: a CorruptionError or a device error does.  In the error
+state the running transaction is discarded (the volume stays at its last commit), the
+superblock is marked ERROR with the reason (best effort), and every later mutation raises
+FsError(EROFS).  Reads keep working.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .blockdev import BlockDev, BlockDevice, Filler, copy_filler, write_runs
 from .cache import BlockCache
 from .datacache import DEFAULT_BLOCKS as DEFAULT_DATA_CACHE_BLOCKS
 from .datacache import DataCache
+from .failure import FailurePolicy
 from .itable import InodeTableBlock, first_inode_of, locate
 from .journal import Journal, max_images, restart_tid, scan
 from .layout import (
@@ -86,7 +89,9 @@ R = TypeVar("R")
 
 
 def _guarded(fn: Callable[P, R]) -> Callable[P, R]:
-    """Integrity or device failure inside a store method => error state, then re-raise.
+    """A public store method is a failure boundary for the store's direct users (fsck, the
+    tools): whatever it raises is handed to the volume's failure policy (nexfs/failure.py),
+    which decides; the store itself only raises.
 
     Device errors (OSError from the valve) leave as FsError with the device's errno.
     """
@@ -97,12 +102,10 @@ def _guarded(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except CorruptionError as e:
-            if not self._tolerating:
-                self.mark_error(str(e))
+            self.failures.failed(e)
             raise
         except OSError as e:
-            self.mark_error(f"device error: {e}")
-            raise FsError(e.errno or errno.EIO, f"device error: {e}") from e
+            raise self.failures.device_error(e) from e
 
     return wrapper
 
@@ -179,7 +182,7 @@ class Store:
         self.volume_seed = sb.volume_seed
         self._opened_read_only = read_only
         self.error: str | None = None
-        self._tolerating = 0  # see tolerating_damage()
+        self.failures = FailurePolicy(self)  # decides; the store only raises
         # fsck: why the state block could not be read (a blank one stands in for it).
         self.state_damage: str | None = None
         self._closed = False
@@ -393,14 +396,14 @@ class Store:
         if self._closed:
             raise FsError(errno.EIO, "store is closed")
 
-    def mark_error(self, reason: str) -> None:
-        """Enter the error state: discard the running transaction, mark the superblock ERROR
-        (best effort) and refuse every later mutation with EROFS."""
+    def enter_error_state(self, reason: str) -> None:
+        """The primitive under the failure policy (nexfs/failure.py), which alone calls it:
+        discard the running transaction, mark the superblock ERROR (best effort) and refuse
+        every later mutation with EROFS."""
         if self.error is not None:
             return
-        log.error("filesystem error, continuing read-only: %s", reason)
         was_writable = not self._opened_read_only and not self._closed
-        self.error = reason or "unspecified error"
+        self.error = reason
         self._data.clear()  # unwritten data of a volume that can take no more writes
         for blkno in self._running:
             self._cache.remove(blkno)
@@ -421,15 +424,10 @@ class Store:
             except (FsError, OSError) as e:
                 log.error("could not mark the superblock ERROR: %s", e)
 
-    @contextlib.contextmanager
-    def tolerating_damage(self) -> Iterator[None]:
+    def tolerating_damage(self) -> contextlib.AbstractContextManager[None]:
         """For fsck, which expects damage and reports it: inside, a CorruptionError reaches
-        the caller without putting the store in the error state."""
-        self._tolerating += 1
-        try:
-            yield
-        finally:
-            self._tolerating -= 1
+        the caller without putting the store in the error state (nexfs/failure.py)."""
+        return self.failures.tolerating_damage()
 
     def clear_error(self) -> None:
         """fsck repaired the volume: clear ERROR in the superblock (written at close)."""
@@ -524,8 +522,10 @@ class Store:
 
     def _join(self, block: MetaBlock) -> None:
         if block.blkno not in self._running and len(self._running) >= self.max_txn_blocks:
-            self.mark_error(f"transaction exceeds the journal ({self.max_txn_blocks} blocks)")
-            raise FsError(errno.EIO, "transaction too large for the journal")
+            exc = FsError(errno.EIO, f"transaction exceeds the journal "
+                                     f"({self.max_txn_blocks} blocks)")
+            self.failures.failed(exc, changed=True)
+            raise exc
         self._running[block.blkno] = block
         self._changes += 1
 
@@ -1041,7 +1041,7 @@ class Store:
         try:
             self._check_data(blkno, count)
         except CorruptionError as e:
-            self.mark_error(str(e))
+            self.failures.failed(e)
             raise
         view = self.bdev.alloc(count) if into is None else memoryview(into).cast("B")
         try:
@@ -1050,8 +1050,7 @@ class Store:
             return view
         except LostWriteError as e:
             # Acknowledged data never reached the device: that is a write failure.
-            self.mark_error(f"device error: {e}")
-            raise FsError(errno.EIO, f"reading data block {blkno}: {e}") from e
+            raise self.failures.device_error(e, f"reading data block {blkno}") from e
         except OSError as e:
             # Not an ordinary failure: quiet to the caller's errno, but the log must say why.
             log.error("device error reading data blocks %d+%d: %s", blkno, count, e)
