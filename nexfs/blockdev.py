@@ -144,6 +144,10 @@ class BlockDev:
                                      f"({self.nblocks} blocks)")
         return Lba(blkno * self.spb)
 
+    def read_only(self) -> BlockDev:
+        """This view's reads, and no writes (a READ capability): for code that only looks."""
+        return self.scoped(self.read_window)
+
     def alloc(self, nblocks: int) -> memoryview:
         """An aligned, writable buffer of ``nblocks`` blocks (for zero-copy I/O)."""
         buf = memoryview(self._dev.alloc_buffer(nblocks * BLOCK_SIZE))

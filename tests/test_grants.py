@@ -344,3 +344,17 @@ def test_plain_device_refusal_is_typed() -> None:
     ro = BlockDev(dev).scoped((10, 20))
     with pytest.raises(CapabilityError, match=r"lacks Rights\.WRITE"):
         ro.write_blocks(10, 1, bytes(BLOCK_SIZE))
+    with pytest.raises(CapabilityError, match=r"lacks Rights\.WRITE"):
+        BlockDev(dev).read_only().write_blocks(0, 1, bytes(BLOCK_SIZE))
+
+
+def test_fsck_superblock_look_is_read_only(tmp_path: Path) -> None:
+    """What fsck uses to judge the superblock copies before it opens the store (also when
+    it repairs) cannot write: a READ capability, refused and counted by the valve."""
+    img = make_image(tmp_path / "ro.img", 32 << 20)
+    with Valve.open(img) as v:
+        view = BlockDev(v.grant(RW)).read_only()
+        assert read_superblock(view).geo.nblocks == 32 << 20 >> 12
+        with pytest.raises(CapabilityError, match=r"lacks Rights\.WRITE"):
+            view.write_blocks(0, 1, bytes(BLOCK_SIZE))
+        assert v.stats.denials == 1 and v.stats.writes == 0
