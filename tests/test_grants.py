@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fsutil import ROOT, make_image
+from fsutil import ROOT, make_image, mounted
 from memdev import MemDevice
 from storekit import new_volume
 
@@ -198,6 +198,19 @@ def test_read_only_tools_hold_read_only_grants(tmp_path: Path, tool: str,
     assert code == 0 and seen
     for matrix in seen:
         assert not any(matrix.values()), [k for k, ok in matrix.items() if ok]
+    assert img.read_bytes() == before
+
+
+def test_read_only_mount_holds_read_only_grants(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only mount opens the filesystem as mount.py does (a READ grant of a valve
+    opened read-only): every view of its store refuses every write."""
+    img = make_image(tmp_path / "ro.img", 32 << 20)
+    before = img.read_bytes()
+    seen = _tool_stores(monkeypatch)
+    with mounted(img, read_only=True) as fs:
+        assert fs.lookup(ROOT_INO, b"lost+found", ROOT).ino
+    assert len(seen) == 1 and not any(seen[0].values())
     assert img.read_bytes() == before
 
 
