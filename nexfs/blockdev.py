@@ -14,14 +14,26 @@ Device interface (duck-typed; implemented by ``valve`` and by ``tests/memdev.py`
 
 ``durable=True`` is the only barrier: it returns once that write and every earlier one are on
 stable storage.
+
+Scoped views (docs/VALVE.md, "Grants inside NexFS"): :meth:`BlockDev.scoped` derives from a
+whole-device view one that reads only inside a block window and writes only inside a list of
+windows, each through a capability restricted (``Capability.restrict``) from the device's.  A
+write is routed to the capability whose window holds it; a write no window holds is handed to
+the first one anyway, so that the valve itself refuses it (``CapabilityError``, counted in
+``stats.denials``) -- the view never decides alone.  A view with no write windows holds only
+READ.  Devices that are not valve capabilities (the in-memory test device, fault wrappers) get
+the same checks from :class:`_Window`.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
+
+from valve import Capability, CapabilityError, Rights
 
 from .metastore import BLOCK_SIZE
 from .types import FsError, Lba
@@ -40,8 +52,46 @@ class BlockDevice(Protocol):
     def alloc_buffer(self, nbytes: int) -> Any: ...
 
 
+Window = tuple[int, int]
+"""A half-open range of filesystem blocks ``(first, end)``."""
+
+
+class _Window:
+    """A region-restricted grant over a device that is not a valve capability (tests'
+    in-memory and fault-injecting devices): the same refusals, as ``CapabilityError``."""
+
+    __slots__ = ("_dev", "_hi", "_lo", "_write")
+
+    def __init__(self, dev: BlockDevice, write: bool, lo: int, hi: int) -> None:
+        self._dev, self._write, self._lo, self._hi = dev, write, lo, hi
+
+    def _check(self, what: str, lba: int, count: int) -> None:
+        if count <= 0 or lba < self._lo or lba + count > self._hi:
+            raise CapabilityError(f"{what}: lba {lba}+{count} outside [{self._lo}, {self._hi})")
+
+    def block_info(self) -> Any:
+        return self._dev.block_info()
+
+    def block_read(self, lba: int, count: int, into: Any = None) -> memoryview:
+        self._check("block_read", lba, count)
+        return self._dev.block_read(lba, count, into)
+
+    def block_write(self, lba: int, count: int, data: Any, *, durable: bool = False) -> None:
+        if not self._write:
+            raise CapabilityError(f"block_write: capability lacks {Rights.WRITE!s}")
+        self._check("block_write", lba, count)
+        self._dev.block_write(lba, count, data, durable=durable)
+
+    def alloc_buffer(self, nbytes: int) -> Any:
+        return self._dev.alloc_buffer(nbytes)
+
+
 class BlockDev:
-    """Block-unit view of a sector device."""
+    """Block-unit view of a sector device (or, from :meth:`scoped`, of some regions of it)."""
+
+    # Slots: the data path reads these on every call (a copied instance's dict is slower).
+    __slots__ = ("_dev", "_more", "_wdev", "_whi", "_wlo", "nblocks", "read_window",
+                 "sector_size", "spb", "write_windows")
 
     def __init__(self, dev: BlockDevice) -> None:
         info = dev.block_info()
@@ -52,12 +102,51 @@ class BlockDev:
         self.sector_size = ss
         self.spb = BLOCK_SIZE // ss  # sectors per block
         self.nblocks = int(info.total_sectors) // self.spb
+        # Where writes go: the first window inline (the only one but for the superblock and
+        # home writers), then the others as (first block, end block, capability).
+        self._wlo, self._whi, self._wdev = 0, self.nblocks, dev
+        self._more: tuple[tuple[int, int, BlockDevice], ...] = ()
+        self.read_window: Window = (0, self.nblocks)
+        self.write_windows: tuple[Window, ...] = ((0, self.nblocks),)
+
+    def _restrict(self, write: bool, window: Window) -> BlockDevice:
+        lo, hi = window[0] * self.spb, window[1] * self.spb
+        if isinstance(self._dev, Capability):
+            rights = Rights.READ | Rights.WRITE if write else Rights.READ
+            return self._dev.restrict(rights, (lo, hi))
+        return _Window(self._dev, write, lo, hi)
+
+    def scoped(self, read: Window, writes: Sequence[Window] = ()) -> BlockDev:
+        """A view that reads only inside ``read`` and writes only inside ``writes``.
+
+        Each window gets its own restricted capability (READ+WRITE; READ alone for
+        ``read`` unless it is also the one write window, then one capability serves both,
+        which keeps the data path's hot calls as cheap as on the whole device).  No
+        ``writes``: every write is refused.  Raises ``CapabilityError`` when this view's
+        capability cannot grant them (a read-only device asked for writes).
+        """
+        view = copy.copy(self)
+        wins = [(lo, hi, self._restrict(True, (lo, hi))) for lo, hi in writes]
+        if len(wins) == 1 and (wins[0][0], wins[0][1]) == tuple(read):
+            rdev = wins[0][2]
+        else:
+            rdev = self._restrict(False, read)
+        view._dev = rdev
+        view._wlo, view._whi, view._wdev = wins[0] if wins else (read[0], read[1], rdev)
+        view._more = tuple(wins[1:])
+        view.read_window = (read[0], read[1])
+        view.write_windows = tuple((lo, hi) for lo, hi in writes)
+        return view
 
     def _lba(self, blkno: int, count: int) -> Lba:
         if count < 1 or blkno < 0 or blkno + count > self.nblocks:
             raise FsError(errno.EIO, f"block range {blkno}+{count} outside the device "
                                      f"({self.nblocks} blocks)")
         return Lba(blkno * self.spb)
+
+    def read_only(self) -> BlockDev:
+        """This view's reads, and no writes (a READ capability): for code that only looks."""
+        return self.scoped(self.read_window)
 
     def alloc(self, nblocks: int) -> memoryview:
         """An aligned, writable buffer of ``nblocks`` blocks (for zero-copy I/O)."""
@@ -90,7 +179,13 @@ class BlockDev:
             size = memoryview(cast(Any, data)).nbytes
         if size != count * BLOCK_SIZE:
             raise FsError(errno.EINVAL, f"write of {count} blocks at {blkno} given {size} bytes")
-        self._dev.block_write(lba, count * self.spb, data, durable=durable)
+        dev = self._wdev  # also when no window holds the range: its capability refuses it
+        if not self._wlo <= blkno <= self._whi - count:
+            for lo, hi, cap in self._more:
+                if lo <= blkno <= hi - count:
+                    dev = cap
+                    break
+        dev.block_write(lba, count * self.spb, data, durable=durable)
 
 
 Filler = Callable[[memoryview], None]

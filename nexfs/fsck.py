@@ -104,8 +104,9 @@ def check(args: argparse.Namespace) -> int:
     report = Report(args.verbose)
     started = time.monotonic()
     with open_device(args.target, read_only=not repair) as dev:
-        # Before the store: opening it writable rewrites both superblock copies.
-        sb_problems = superblock_problems(BlockDev(dev))
+        # Before the store: opening it writable rewrites both superblock copies.  It only
+        # looks, so it gets a read-only view even when fsck repairs.
+        sb_problems = superblock_problems(BlockDev(dev).read_only())
         with _opened(dev, read_only=not repair) as store:
             state = store.sb.state
             damaged = bool(sb_problems or store.state_damage)

@@ -47,6 +47,7 @@ from .cache import BlockCache
 from .datacache import DEFAULT_BLOCKS as DEFAULT_DATA_CACHE_BLOCKS
 from .datacache import DataCache
 from .failure import FailurePolicy
+from .grants import derive
 from .itable import InodeTableBlock, first_inode_of, locate
 from .journal import Journal, max_images, restart_tid, scan
 from .layout import (
@@ -176,9 +177,11 @@ class Store:
 
     def __init__(self, bdev: BlockDev, sb: Superblock, *, read_only: bool,
                  cache_blocks: int, data_cache_blocks: int = DEFAULT_DATA_CACHE_BLOCKS) -> None:
-        self.bdev = bdev
         self.sb = sb
         self.geo: Geometry = sb.geo
+        # Each part gets only its grants (nexfs/grants.py); the whole-device view is dropped.
+        self.grants = grants = derive(bdev, self.geo, writable=not read_only)
+        self.bdev = grants.meta
         self.volume_seed = sb.volume_seed
         self._opened_read_only = read_only
         self.error: str | None = None
@@ -197,15 +200,15 @@ class Store:
         # Data written to the device, or handed to the data cache or write-behind to write,
         # since the last barrier.
         self._data_unsynced = False
-        self._data = DataCache(bdev, data_cache_blocks)
-        self._wb = WriteBehind(bdev)  # also the pool behind data_buffer()
+        self._data = DataCache(grants.data, data_cache_blocks)
+        self._wb = WriteBehind(grants.data)  # also the pool behind data_buffer()
         self._changes = 0
         # The running operation's reservation (see reserve()); _op_depth counts nested
         # operation() scopes.
         self._op: Reservation | None = None
         self._op_depth = 0
         g = self.geo
-        self.journal = Journal(bdev, g.journal_start, g.journal_len, self.volume_seed,
+        self.journal = Journal(grants.journal, g.journal_start, g.journal_len, self.volume_seed,
                                sb.journal_tid)
         self.max_txn_blocks = max_images(g.journal_len)
         self.committed_tid = sb.journal_tid - 1
@@ -259,9 +262,9 @@ class Store:
         if sb.state & STATE_ERROR and not ignore_error:
             error = sb.error_reason or "volume marked as needing fsck"
             log.warning("volume is marked as needing fsck (%s): opening read-only", error)
-        store = cls(bdev, sb, read_only=read_only or error is not None,
-                    cache_blocks=cache_blocks, data_cache_blocks=data_cache_blocks)
         try:
+            store = cls(bdev, sb, read_only=read_only or error is not None,
+                        cache_blocks=cache_blocks, data_cache_blocks=data_cache_blocks)
             store._recover()
             try:
                 store._state = store._load_state()
@@ -611,7 +614,7 @@ class Store:
         else:
             where = j.start + j.length - 1
             content = bytes(self.bdev.read_blocks(where, 1))
-        write_runs(self.bdev, [(where, copy_filler(content))], durable=True)
+        write_runs(j.bdev, [(where, copy_filler(content))], durable=True)
         self._data_unsynced = False
         self.durable_tid = self.committed_tid
 
@@ -677,7 +680,7 @@ class Store:
         if self._state is not None:
             self.sb.free_blocks = self._state.free_blocks
             self.sb.free_inodes = self._state.free_inodes
-        write_superblock(self.bdev, self.sb)
+        write_superblock(self.grants.superblocks, self.sb)
 
     # -- recovery ----------------------------------------------------------------------------
 
@@ -686,7 +689,7 @@ class Store:
         g = self.geo
         latest: dict[int, memoryview] = {}
         count, tid = 0, self.sb.journal_tid
-        for txn in scan(self.bdev, g.journal_start, g.journal_len, self.sb.journal_tid,
+        for txn in scan(self.journal.bdev, g.journal_start, g.journal_len, self.sb.journal_tid,
                         self.volume_seed, self._meta_ok):
             for i, h in enumerate(txn.homes):
                 latest[h] = txn.image(i)
@@ -1074,7 +1077,7 @@ class Store:
         self._data.discard(blkno, count)
         if not self._wb.submit(blkno, count, data):
             self._wb.wait_overlapping(blkno, count)
-            self.bdev.write_blocks(blkno, count, data)
+            self.grants.data.write_blocks(blkno, count, data)
 
     def _flush_data(self) -> None:
         """Write the data cache's dirty blocks to the device; the next barrier or commit

@@ -16,6 +16,7 @@ import pytest
 from fsutil import ROOT
 from memdev import MemDevice
 
+from nexfs.blockdev import BlockDev
 from nexfs.checker import Scan, scan
 from nexfs.fs import ROOT_INO, FileSystem
 from nexfs.layout import STATE_DIRTY
@@ -199,7 +200,7 @@ def test_no_room_for_a_new_timeline_is_refused_not_written() -> None:
     store = Store.open(dev)
     store.sb.journal_tid = (1 << 63) - 2
     store.sb.state = STATE_DIRTY
-    write_superblock(store.bdev, store.sb)
+    write_superblock(BlockDev(dev), store.sb)  # the store's views cannot write superblocks
     store.abort()
     before = dict(dev.sectors)
     with pytest.raises(CorruptionError, match="no room for a new timeline"):

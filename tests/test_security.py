@@ -7,8 +7,9 @@ forgeries, closed valve).  This file adds the full matrix — each of the five o
 ``alloc_buffer``, ``restrict``) with each kind of bad capability, each refusal counted in
 ``stats.denials`` exactly once with no sector read or written — and the filesystem side: no
 ``Capability`` (or ``Valve``) is reachable through the public attributes of a mounted
-``FileSystem`` or of the FUSE adapter, the one reference lives in the store's device adapter,
-and ``mkfs.nexfs`` creates images mode 0600 whatever the umask.
+``FileSystem`` or of the FUSE adapter, the store's device views hold only capabilities
+restricted from the one it was opened with (which ones: tests/test_grants.py), and
+``mkfs.nexfs`` creates images mode 0600 whatever the umask.
 """
 
 from __future__ import annotations
@@ -197,11 +198,18 @@ def test_filesystem_exposes_no_capability(tmp_path: Path) -> None:
         f.truncate(32 << 20)
     with _mounted_fs(img) as (fs, cap):
         assert _assert_unreachable(fs, "FileSystem") > 20
-        # The one holder: the store's device adapter, in a private attribute.
-        holders = [r for r in gc.get_referrers(cap) if isinstance(r, dict)]
-        owners = [o for o in gc.get_referrers(*holders) if isinstance(o, BlockDev)]
-        assert owners and all(o._dev is cap for o in owners)
-        assert fs.store.bdev._dev is cap
+        # The store keeps no reference to the capability it was opened with: its device
+        # views hold capabilities restricted from it, in private attributes.
+        def block_devs_holding(c: object) -> list[object]:
+            near = gc.get_referrers(c)
+            near += [o for r in near if isinstance(r, dict | tuple) for o in gc.get_referrers(r)]
+            return [o for o in near if isinstance(o, BlockDev)]
+
+        assert not block_devs_holding(cap)
+        held = fs.store.bdev._dev
+        assert isinstance(held, Capability) and held is not cap
+        assert held.rights == Rights.READ
+        assert block_devs_holding(held) == [fs.store.bdev]  # the search does find holders
 
 
 def test_fuse_adapter_exposes_no_capability(tmp_path: Path) -> None:
