@@ -30,20 +30,17 @@ from . import clock, perms
 from .attr import UTIME_NOW, Attr, Ctx, SetAttr, StatFs
 from .dirindex import DirIndex
 from .fileio import FileData
-from .inode import DATA_AREA_SIZE, DIR_ROOT, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
+from .inode import DATA_AREA_SIZE, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
 from .inodes import InodeCache, OwnedStore
-from .layout import LOST_FOUND_INODE, ROOT_INODE
 from .metastore import BLOCK_SIZE
+from .objects import LOST_FOUND_INO, ROOT_INO, SYMLINK_MAX, Objects
 from .store import Store
 from .types import CorruptionError, FsError, InodeNo
 from .xattr import XattrStore
 
 log = logging.getLogger(__name__)
 
-ROOT_INO = InodeNo(ROOT_INODE)
-LOST_FOUND_INO = InodeNo(LOST_FOUND_INODE)
 NAME_MAX = 255
-SYMLINK_MAX = 4095
 LINK_MAX = 65000
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -129,6 +126,7 @@ class FileSystem:
         # names are refused and stored ones are neither listed nor enforced (as ext4 noacl).
         self.acl = acl
         self.inodes = InodeCache(store)
+        self.objects = Objects(store, self.inodes)  # the handles repair and fsck use too
         self._refs: dict[int, int] = {}
         # Orphan list: the predecessor of every inode on it (0 = the head), built at first
         # use by one walk of the list; see _orphan_links.
@@ -256,34 +254,25 @@ class FileSystem:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    # Short names for the object layer's handles (nexfs/objects.py), used all through here.
+
     def _dirty(self, inode: Inode) -> None:
-        self.inodes.dirty(inode)
+        self.objects.dirty(inode)
 
     def _owned(self, inode: Inode) -> OwnedStore:
-        return OwnedStore(self.store, inode, self._dirty)
+        return self.objects.owned(inode)
 
     def _dir(self, inode: Inode) -> DirIndex:
-        (root,) = DIR_ROOT.unpack_from(inode.area, 0)
-        return DirIndex(self._owned(inode), InodeNo(inode.ino), root, self.store.sb.hash_key)
+        return self.objects.dir_index(inode)
 
     def _dir_changed(self, inode: Inode, index: DirIndex | None = None) -> None:
-        if index is not None:
-            DIR_ROOT.pack_into(inode.area, 0, index.root)
-        inode.size = max(1, inode.blocks) * BLOCK_SIZE
-        self._dirty(inode)
+        self.objects.dir_changed(inode, index)
 
     def _data(self, inode: Inode) -> FileData:
-        # Kept on the inode object: decoding the extent map was a tenth of a 4 KiB read.
-        # Every change to a file's extents goes through this object, and an inode dropped
-        # after a failed operation takes it along.
-        data = inode.data
-        if data is None:
-            data = inode.data = FileData(self.store, self._owned(inode), inode, self._dirty)
-        return data
+        return self.objects.data(inode)
 
     def _xattrs(self, inode: Inode) -> XattrStore:
-        return XattrStore(self._owned(inode), InodeNo(inode.ino), inode.xattr_root,
-                           self.store.sb.hash_key)
+        return self.objects.xattrs(inode)
 
     def _access_acl(self, inode: Inode) -> acls.Acl | None:
         """The inode's access ACL for a permission check (cached on the inode object)."""
@@ -628,7 +617,7 @@ class FileSystem:
         if self._refs.get(inode.ino, 0) > 0:
             self._orphan_add(inode)
         else:
-            self._free_inode(inode)
+            self.free_inode(inode)
 
     @_mutating
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
@@ -802,9 +791,9 @@ class FileSystem:
         except FsError:
             return
         if inode.nlink == 0:
-            self._free_inode(inode)
+            self.free_inode(inode)
 
-    def _free_inode(self, inode: Inode) -> None:
+    def free_inode(self, inode: Inode) -> None:
         """Free an inode with no name left and everything it owns; an orphan leaves the
         list last, with the inode itself (its data may take several transactions)."""
         if inode.is_reg or (inode.is_symlink and not inode.flags & INODE_FLAG_INLINE):
@@ -909,7 +898,7 @@ class FileSystem:
             inode = self.inodes.get(state.orphan_head)
             inode.flags |= INODE_FLAG_ORPHAN  # it is on the list, whatever its flag says
             if inode.nlink == 0:
-                self._free_inode(inode)
+                self.free_inode(inode)
             else:
                 if inode.is_reg:
                     self.release_data(inode, -(-inode.size // BLOCK_SIZE))
