@@ -128,9 +128,6 @@ class FileSystem:
         self.inodes = InodeCache(store)
         self.objects = Objects(store, self.inodes)  # the handles repair and fsck use too
         self._refs: dict[int, int] = {}
-        # Orphan list: the predecessor of every inode on it (0 = the head), built at first
-        # use by one walk of the list; see _orphan_links.
-        self._orphan_prev: dict[int, int] | None = None
         self._error_at_open = store.error  # a volume opened read-only because marked ERROR
         self._inodes_valid_for = store.error  # see _after_failure
 
@@ -351,16 +348,7 @@ class FileSystem:
 
     def _new_inode(self, parent: Inode | None, mode: int, uid: int, gid: int,
                    now: int) -> Inode:
-        ino = self.store.alloc_inode(InodeNo(parent.ino) if parent else None)
-        inode = Inode(ino)
-        inode.mode = mode
-        inode.uid = uid
-        inode.gid = gid
-        inode.nlink = 1
-        inode.atime_ns = inode.mtime_ns = inode.ctime_ns = inode.btime_ns = now
-        inode.generation = self.store.next_generation()
-        self.inodes.add(inode)
-        return inode
+        return self.objects.new_inode(parent, mode, uid, gid, now)
 
     def _touch_dir(self, inode: Inode, now: int) -> None:
         inode.mtime_ns = inode.ctime_ns = now
@@ -794,97 +782,28 @@ class FileSystem:
             self.free_inode(inode)
 
     def free_inode(self, inode: Inode) -> None:
-        """Free an inode with no name left and everything it owns; an orphan leaves the
-        list last, with the inode itself (its data may take several transactions)."""
-        if inode.is_reg or (inode.is_symlink and not inode.flags & INODE_FLAG_INLINE):
-            self.release_data(inode, 0)
-            self._data(inode).destroy()  # the emptied map (and nothing else) is reset
-        elif inode.is_dir:
-            self._dir(inode).destroy()
-        if inode.xattr_root:
-            self._xattrs(inode).destroy()
-        self._orphan_remove(inode)
-        self.inodes.forget(inode.ino)
-        self.store.free_inode(InodeNo(inode.ino))
+        """Free an inode with no name left and everything it owns (see Objects.free_inode)."""
+        self.objects.free_inode(inode)
 
     def release_data(self, inode: Inode, keep: int, *, protect: bool = True) -> None:
-        """Free the data blocks of ``inode`` (a regular file or long symlink) mapped at or
-        after logical block ``keep``, in steps that each fit in a transaction, committing
-        between them when the running transaction is full.
-
-        A delete or truncate of a file spanning more bitmap groups than a transaction can
-        dirty takes several transactions.  Before the first intermediate commit the inode
-        goes on the orphan list (unless it is on it already), and it leaves it after the
-        last step, so a crash in between leaves a consistent volume whose mount (or fsck)
-        finishes the job: an orphan with no links is freed, one with links is truncated to
-        its size, which is already the new one.  ``protect=False`` (fsck's repair, which a
-        second run finishes instead) skips the orphan list.  Changes of the operation made
-        before the call are committed with the first step, so they must be complete."""
-        data = self._data(inode)
-        store = self.store
-        added = False
-        while data.mapped_from(keep):
-            if not store.room_for_free_step():
-                if protect and not inode.flags & INODE_FLAG_ORPHAN:
-                    self._orphan_add(inode)
-                    added = True
-                self._dirty(inode)
-                self.inodes.flush()
-                store.commit(durable=False)
-            data.release_step(keep, store.free_step_groups())
-        if added:
-            self._orphan_remove(inode)
-
-    def _orphan_links(self) -> dict[int, int]:
-        """The predecessor of every inode on the orphan list (0 for the head): built by one
-        walk of the on-disk list at first use, then kept up to date by _orphan_add and
-        _orphan_remove, so that taking an inode off the singly linked list is O(1) (the
-        walk for its predecessor made releasing n open-unlinked files O(n^2))."""
-        prev = self._orphan_prev
-        if prev is None:
-            prev = {}
-            before, ino = 0, self.store.state.orphan_head
-            while ino:
-                if ino in prev:
-                    raise CorruptionError(0, "orphan list", f"loop at inode {ino}")
-                prev[ino] = before
-                before, ino = ino, self.inodes.get(ino).orphan_next
-            self._orphan_prev = prev
-        return prev
+        """Free the data blocks of ``inode`` from logical block ``keep`` on, committing
+        between steps when needed (see Objects.release_data)."""
+        self.objects.release_data(inode, keep, protect=protect)
 
     def _orphan_add(self, inode: Inode) -> None:
-        links = self._orphan_links()
-        state = self.store.state
-        inode.flags |= INODE_FLAG_ORPHAN
-        inode.orphan_next = state.orphan_head
-        if state.orphan_head:
-            links[state.orphan_head] = inode.ino
-        links[inode.ino] = 0
-        state.orphan_head = inode.ino
-        self.store.dirty(state)
-        self._dirty(inode)
+        self.objects.orphan_add(inode)
 
     def _orphan_remove(self, inode: Inode) -> None:
-        if not inode.flags & INODE_FLAG_ORPHAN:
-            return
-        links = self._orphan_links()
-        before = links.pop(inode.ino, None)
-        if before is None:
-            raise CorruptionError(0, "orphan list", f"inode {inode.ino} is flagged as an "
-                                  "orphan but not on the list")
-        after = inode.orphan_next
-        if before == 0:
-            self.store.state.orphan_head = after
-            self.store.dirty(self.store.state)
-        else:
-            prev = self.inodes.get(before)
-            prev.orphan_next = after
-            self._dirty(prev)
-        if after:
-            links[after] = before
-        inode.orphan_next = 0
-        inode.flags &= ~INODE_FLAG_ORPHAN
-        self._dirty(inode)
+        self.objects.orphan_remove(inode)
+
+    @property
+    def _orphan_prev(self) -> dict[int, int] | None:
+        return self.objects.orphan_prev
+
+    @_orphan_prev.setter
+    def _orphan_prev(self, value: dict[int, int] | None) -> None:
+        # Reset to None after a failure: the list is walked again at next use.
+        self.objects.orphan_prev = value
 
     @_mutating
     def _process_orphans(self) -> None:

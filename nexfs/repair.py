@@ -147,7 +147,7 @@ class Repairer:
                     inode.blocks -= n
                 if info.past_eof:
                     self.say(f"inode {ino}: freeing blocks past the end of the file")
-                    fs.release_data(inode, -(-inode.size // BLOCK_SIZE), protect=False)
+                    self.objects.release_data(inode, -(-inode.size // BLOCK_SIZE), protect=False)
             elif info.tree_damage:
                 self.say(f"inode {ino}: bad symlink; clearing it")
                 inode.size = 0
@@ -207,7 +207,7 @@ class Repairer:
         for ino in self.found.orphans:
             inode = fs.inodes.get(ino)
             if inode.is_reg or (inode.is_symlink and not inode.flags & INODE_FLAG_INLINE):
-                fs.release_data(inode, 0, protect=False)
+                self.objects.release_data(inode, 0, protect=False)
         state = self.store.state
         if state.orphan_head:
             state.orphan_head = 0
@@ -220,7 +220,7 @@ class Repairer:
                 self.objects.dirty(inode)
         for ino in self.found.orphans:
             self.say(f"freeing deleted inode {ino}")
-            fs.free_inode(fs.inodes.get(ino))
+            self.objects.free_inode(fs.inodes.get(ino))
 
     def rebuild_root(self) -> None:
         """The root inode was damaged: recreate it as an empty directory (as e2fsck does).
