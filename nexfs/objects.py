@@ -146,12 +146,14 @@ class Objects:
 
     def data(self, inode: Inode) -> FileData:
         """The data of regular file or long symlink ``inode``."""
-        # Kept on the inode object: decoding the extent map was a tenth of a 4 KiB read.
-        # Every change to a file's extents goes through this object, and an inode dropped
-        # after a failed operation takes it along.
-        data = inode.data
-        if data is None:
-            data = inode.data = FileData(self.store, self.owned(inode), inode, self.dirty)
+        # Kept while the inode is cached: decoding the extent map was a tenth of a 4 KiB
+        # read.  Every change to a file's extents goes through this object, and an inode
+        # dropped after a failed operation takes it along (InodeCache drops the handle).
+        handles = self.inodes.data_handles
+        data = handles.get(inode.ino)
+        if data is None or data.inode is not inode:
+            data = handles[inode.ino] = FileData(self.store, self.owned(inode), inode,
+                                                 self.dirty)
         return data
 
     def new_extent_map(self, inode: Inode) -> ExtentMap:
@@ -159,7 +161,7 @@ class Objects:
         :meth:`new_directory_index`).  The cached data handle, if any, is dropped."""
         inode.area[:] = bytes(len(inode.area))
         inode.blocks = 0
-        inode.data = None
+        self.inodes.data_handles.pop(inode.ino, None)
         return ExtentMap(self.owned(inode), InodeNo(inode.ino), inode.area,
                          lambda: self.dirty(inode))
 
