@@ -605,7 +605,7 @@ class FileSystem:
         if self._refs.get(inode.ino, 0) > 0:
             self._orphan_add(inode)
         else:
-            self.free_inode(inode)
+            self._free_inode(inode)
 
     @_mutating
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
@@ -779,9 +779,9 @@ class FileSystem:
         except FsError:
             return
         if inode.nlink == 0:
-            self.free_inode(inode)
+            self._free_inode(inode)
 
-    def free_inode(self, inode: Inode) -> None:
+    def _free_inode(self, inode: Inode) -> None:
         """Free an inode with no name left and everything it owns (see Objects.free_inode)."""
         self.objects.free_inode(inode)
 
@@ -817,7 +817,7 @@ class FileSystem:
             inode = self.inodes.get(state.orphan_head)
             inode.flags |= INODE_FLAG_ORPHAN  # it is on the list, whatever its flag says
             if inode.nlink == 0:
-                self.free_inode(inode)
+                self._free_inode(inode)
             else:
                 if inode.is_reg:
                     self.release_data(inode, -(-inode.size // BLOCK_SIZE))
