@@ -272,12 +272,13 @@ class FileSystem:
         return self.objects.xattrs(inode)
 
     def _access_acl(self, inode: Inode) -> acls.Acl | None:
-        """The inode's access ACL for a permission check (cached on the inode object)."""
+        """The inode's access ACL for a permission check (cached with the inode)."""
         if not self.acl or not inode.xattr_root:
             return None
-        if inode.acl is None:
-            inode.acl = self._stored_acl(inode, acls.ACCESS) or ()
-        return inode.acl or None
+        acl = self.inodes.acls.get(inode.ino)
+        if acl is None:
+            acl = self.inodes.acls[inode.ino] = self._stored_acl(inode, acls.ACCESS) or ()
+        return acl or None
 
     def _stored_acl(self, inode: Inode, name: bytes) -> acls.Acl | None:
         if not inode.xattr_root:
@@ -428,7 +429,7 @@ class FileSystem:
         for name, value in values:
             xattrs.set(name, value)
         inode.xattr_root = xattrs.root
-        inode.acl = access if not acls.is_minimal(access) else ()
+        self.inodes.acls[inode.ino] = access if not acls.is_minimal(access) else ()
 
     # -- namespace operations ---------------------------------------------------------------
 
@@ -1113,7 +1114,7 @@ class FileSystem:
         inode.xattr_root = xattrs.root
         inode.ctime_ns = _now()
         if name == acls.ACCESS:
-            inode.acl = ()  # the mode stays as it is, as on ext4
+            self.inodes.acls[inode.ino] = ()  # the mode stays as it is, as on ext4
         self._dirty(inode)
 
     # -- POSIX ACLs (nexfs/acl.py) -----------------------------------------------------------
@@ -1155,7 +1156,7 @@ class FileSystem:
                 mode &= ~stat.S_ISGID
             inode.mode = mode
         if name == acls.ACCESS:
-            inode.acl = acl if store else ()
+            self.inodes.acls[inode.ino] = acl if store and acl is not None else ()
         inode.ctime_ns = _now()
         self._dirty(inode)
 
@@ -1182,4 +1183,4 @@ class FileSystem:
         xattrs = self._xattrs(inode)
         xattrs.set(acls.ACCESS, new[1])
         inode.xattr_root = xattrs.root
-        inode.acl = new[0]
+        self.inodes.acls[inode.ino] = new[0]

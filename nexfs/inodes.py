@@ -18,6 +18,7 @@ from .metastore import MetaBlock
 from .types import BlockNo, FsError, InodeNo
 
 if TYPE_CHECKING:
+    from .acl import Acl
     from .fileio import FileData
     from .store import Store
 
@@ -37,6 +38,10 @@ class InodeCache:
         # The object layer's data handle of each cached inode (nexfs/objects.py, data):
         # dropped with the inode, so a handle never outlives the decoded inode it is over.
         self.data_handles: dict[int, FileData] = {}
+        # The decoded access ACL of each cached inode, read on its first permission check
+        # (absent: not read yet; an empty tuple: none).  Kept up to date by the filesystem
+        # and dropped with the inode like the data handle.
+        self.acls: dict[int, Acl] = {}
 
     def get(self, ino: int) -> Inode:
         """The inode ``ino``; FsError(ENOENT) if it is not allocated (a stale number)."""
@@ -74,6 +79,7 @@ class InodeCache:
         self._lru.pop(ino, None)
         self._dirty.pop(ino, None)
         self.data_handles.pop(ino, None)
+        self.acls.pop(ino, None)
 
     def flush(self) -> None:
         """Encode every dirty inode into its table slot (joins the running transaction)."""
@@ -89,12 +95,14 @@ class InodeCache:
         for ino in list(self._dirty):
             self._lru.pop(ino, None)
             self.data_handles.pop(ino, None)
+            self.acls.pop(ino, None)
         self._dirty.clear()
 
     def clear(self) -> None:
         self._lru.clear()
         self._dirty.clear()
         self.data_handles.clear()
+        self.acls.clear()
 
     def _insert(self, inode: Inode) -> None:
         self._lru[inode.ino] = inode
@@ -109,6 +117,7 @@ class InodeCache:
                 continue
             del self._lru[ino]
             self.data_handles.pop(ino, None)
+            self.acls.pop(ino, None)
             del old
 
 

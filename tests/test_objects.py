@@ -52,7 +52,8 @@ def test_directory_handle_writes_its_root_back(fs: FileSystem) -> None:
 def test_data_handle_is_dropped_with_its_inode(fs: FileSystem) -> None:
     """The handle cache follows the inode cache: a handle is reused while its inode is
     cached, and gone once the inode is forgotten, discarded or the cache cleared (a handle
-    over a stale decoded inode would write a stale extent map back)."""
+    over a stale decoded inode would write a stale extent map back).  The decoded access
+    ACL, kept beside the inode the same way, goes with it."""
     objects, cache = fs.objects, fs.inodes
     a = fs.create(ROOT_INO, b"a", 0o644, ROOT)
     fs.write(a.ino, 0, b"x" * 10000, ROOT)
@@ -60,14 +61,16 @@ def test_data_handle_is_dropped_with_its_inode(fs: FileSystem) -> None:
     inode = objects.inode(a.ino)
     handle = objects.data(inode)
     assert objects.data(inode) is handle and handle.inode is inode
+    cache.acls[a.ino] = ()
     cache.clear()
-    assert a.ino not in cache.data_handles
+    assert a.ino not in cache.data_handles and a.ino not in cache.acls
     fresh = objects.inode(a.ino)
     assert fresh is not inode and objects.data(fresh) is not handle
     assert objects.data(fresh).read(0, 10000) == b"x" * 10000
     objects.dirty(fresh)
+    cache.acls[a.ino] = ()
     cache.discard_dirty()
-    assert a.ino not in cache.data_handles
+    assert a.ino not in cache.data_handles and a.ino not in cache.acls
     fs.unlink(ROOT_INO, b"a", ROOT)
     assert a.ino not in cache.data_handles
 
