@@ -391,20 +391,22 @@ class Bitmap:
 
             read_ahead(sorted(groups), decode)
 
-    def _bits(self, g: int) -> int:
+    def group_bits(self, g: int) -> int:
+        """Group ``g``'s bits as stored (committed and running-transaction allocations; an
+        UNINIT group reads as its tail mask).  The checker compares them with the truth."""
         blk = self.group(g, create=False)
         return self.tail_mask(g) if blk is None else blk.bits
 
     def is_set(self, i: int) -> bool:
         g, off = divmod(i, BPB)
-        return bool(self._bits(g) >> off & 1)
+        return bool(self.group_bits(g) >> off & 1)
 
     def _pending_mask(self, g: int) -> int:
         return self.pending.get(g, 0) | self.pending_new.get(g, 0)
 
     def free_mask(self, g: int) -> int:
         """Allocatable items of group g as 1-bits (free on disk and not pending)."""
-        return FULL & ~(self._bits(g) | self._pending_mask(g))
+        return FULL & ~(self.group_bits(g) | self._pending_mask(g))
 
     def count_set(self, i: int, n: int) -> int:
         """How many of items i..i+n-1 are set (the range may cross bitmap blocks)."""
@@ -412,7 +414,7 @@ class Bitmap:
         while n > 0:
             g, off = divmod(i, BPB)
             take = min(n, BPB - off)
-            total += (self._bits(g) & range_mask(off, take)).bit_count()
+            total += (self.group_bits(g) & range_mask(off, take)).bit_count()
             i += take
             n -= take
         return total
@@ -482,7 +484,7 @@ class Bitmap:
                 pos = g + 1
                 entry = self.summary_entry(g)
                 pend = self._pending_mask(g)
-                bits = self.tail_mask(g) if entry & UNINIT else self._bits(g)
+                bits = self.tail_mask(g) if entry & UNINIT else self.group_bits(g)
                 mask = FULL & ~(bits | pend)
                 full_pos, first_pos, first_len = find_run(mask, off0 if lap == 0 else 0, want)
                 if full_pos >= 0:
@@ -524,7 +526,7 @@ class Bitmap:
         total = 0
         for g in range(self.ngroups):
             entry = self.summary_entry(g)
-            bits = self._bits(g)
+            bits = self.group_bits(g)
             free = BPB - bits.bit_count()
             if free != entry & COUNT_MASK:
                 problems.append(f"{self.name} group {g}: {free} free, summary says "

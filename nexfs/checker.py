@@ -20,12 +20,12 @@ from .bitmap import BPB, COUNT_MASK, UNINIT, range_mask
 from .blockdev import BlockDev
 from .btree import KIND_DIR, KIND_EXTENTS, LeafCheck, Node, decode_node
 from .dirindex import ENTRY_HEADER, DirIndex
-from .dirindex import _leaf_check as dir_leaf_check
+from .dirindex import leaf_check as dir_leaf_check
 from .extents import AREA_HEADER, MAX_FILE_BLOCKS, TREE_VALUE, ExtentMap
-from .fs import ROOT_INO, SYMLINK_MAX
 from .inode import DATA_AREA_SIZE, DIR_ROOT, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
 from .layout import SUMMARY_ENTRIES
 from .metastore import BLOCK_SIZE, HEADER, MetaBlock
+from .objects import ROOT_INO, SYMLINK_MAX
 from .store import Store
 from .types import BlockNo, CorruptionError, FsError, InodeNo
 from .volume import superblock_copies
@@ -207,7 +207,7 @@ class _Scanner:
         unvouched: list[int] = []
         for g in range(inodes.ngroups):
             try:
-                bits = inodes._bits(g) & ~inodes.tail_mask(g)
+                bits = inodes.group_bits(g) & ~inodes.tail_mask(g)
             except CorruptionError as exc:
                 # exc names the block really damaged: the bitmap block or its summary.
                 self.out.problem(f"inode bitmap group {g}: {exc}")
@@ -380,7 +380,7 @@ class _Scanner:
         runs: list[tuple[int, int, int]] = []
         end = 0
         for lblk, value in _salvage_tree(self.store, ino, root, KIND_EXTENTS,
-                                         emap._leaf_check):
+                                         emap.leaf_check):
             n, phys = TREE_VALUE.unpack(value)
             if lblk >= end and self._in_data_area(phys, n) and lblk + n <= MAX_FILE_BLOCKS:
                 runs.append((lblk, phys, n))
@@ -554,7 +554,7 @@ class _Scanner:
                 self.out.bitmap_damage.append(f"block summary {g}")
                 entry = None
             try:
-                have = blocks._bits(g)
+                have = blocks.group_bits(g)
             except CorruptionError as exc:
                 self.out.problem(f"block bitmap group {g}: {exc}")
                 self.out.bitmap_damage.append(f"block bitmap {g}")
@@ -587,7 +587,7 @@ class _Scanner:
             want = inodes.tail_mask(g) | in_use.get(g, 0)
             total_ifree += BPB - want.bit_count()
             try:
-                have = inodes._bits(g)
+                have = inodes.group_bits(g)
             except CorruptionError:
                 continue  # reported in pass 1
             if have != want:

@@ -54,7 +54,7 @@ def keyed_hash(hash_key: bytes) -> HashFn:
     return h
 
 
-def _leaf_check(keys: list[int], vals: list[bytes]) -> str | None:
+def leaf_check(keys: list[int], vals: list[bytes]) -> str | None:
     """Entry shape, checked once when a leaf is read; names are compared on lookup."""
     hdr = ENTRY_HEADER.size
     if keys[0] < MIN_COOKIE or keys[-1] >= 1 << 63:
@@ -73,7 +73,7 @@ class DirIndex:
     def __init__(self, store: MetaStore, owner: InodeNo | int, root: BlockNo | int,
                  hash_key: bytes, *, hash_fn: HashFn | None = None,
                  goal: BlockNo | None = None) -> None:
-        self._tree = BTree(store, owner, root, KIND_DIR, leaf_check=_leaf_check, goal=goal)
+        self._tree = BTree(store, owner, root, KIND_DIR, leaf_check=leaf_check, goal=goal)
         self._hash = hash_fn if hash_fn is not None else keyed_hash(hash_key)
 
     @property

@@ -117,7 +117,7 @@ class ExtentMap:
             return f"physical run [{p}, +{n}) outside the volume"
         return None
 
-    def _leaf_check(self, keys: list[int], vals: list[bytes]) -> str | None:
+    def leaf_check(self, keys: list[int], vals: list[bytes]) -> str | None:
         """Validate extent records when a tree leaf is read (once per read, then cached)."""
         prev_end = 0
         for k, v in zip(keys, vals, strict=True):
@@ -133,7 +133,7 @@ class ExtentMap:
         return None
 
     def _make_tree(self, root: int) -> BTree:
-        return BTree(self.store, self.owner, root, KIND_EXTENTS, leaf_check=self._leaf_check,
+        return BTree(self.store, self.owner, root, KIND_EXTENTS, leaf_check=self.leaf_check,
                      goal=self.goal)
 
     def _save(self) -> None:

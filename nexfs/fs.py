@@ -31,20 +31,17 @@ from .attr import UTIME_NOW, Attr, Ctx, SetAttr, StatFs
 from .dirindex import DirIndex
 from .failure import FailurePolicy
 from .fileio import FileData
-from .inode import DATA_AREA_SIZE, DIR_ROOT, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
+from .inode import DATA_AREA_SIZE, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
 from .inodes import InodeCache, OwnedStore
-from .layout import LOST_FOUND_INODE, ROOT_INODE
 from .metastore import BLOCK_SIZE
+from .objects import LOST_FOUND_INO, ROOT_INO, SYMLINK_MAX, Objects
 from .store import Store
 from .types import CorruptionError, FsError, InodeNo
 from .xattr import XattrStore
 
 log = logging.getLogger(__name__)
 
-ROOT_INO = InodeNo(ROOT_INODE)
-LOST_FOUND_INO = InodeNo(LOST_FOUND_INODE)
 NAME_MAX = 255
-SYMLINK_MAX = 4095
 LINK_MAX = 65000
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -138,10 +135,8 @@ class FileSystem:
         # names are refused and stored ones are neither listed nor enforced (as ext4 noacl).
         self.acl = acl
         self.inodes = InodeCache(store)
+        self.objects = Objects(store, self.inodes)  # the handles repair and fsck use too
         self._refs: dict[int, int] = {}
-        # Orphan list: the predecessor of every inode on it (0 = the head), built at first
-        # use by one walk of the list; see _orphan_links.
-        self._orphan_prev: dict[int, int] | None = None
         self._error_at_open = store.error  # a volume opened read-only because marked ERROR
         self.failures.on_error(self._forget_uncommitted)
 
@@ -257,42 +252,34 @@ class FileSystem:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    # Short names for the object layer's handles (nexfs/objects.py), used all through here.
+
     def _dirty(self, inode: Inode) -> None:
-        self.inodes.dirty(inode)
+        self.objects.dirty(inode)
 
     def _owned(self, inode: Inode) -> OwnedStore:
-        return OwnedStore(self.store, inode, self._dirty)
+        return self.objects.owned(inode)
 
     def _dir(self, inode: Inode) -> DirIndex:
-        (root,) = DIR_ROOT.unpack_from(inode.area, 0)
-        return DirIndex(self._owned(inode), InodeNo(inode.ino), root, self.store.sb.hash_key)
+        return self.objects.dir_index(inode)
 
     def _dir_changed(self, inode: Inode, index: DirIndex | None = None) -> None:
-        if index is not None:
-            DIR_ROOT.pack_into(inode.area, 0, index.root)
-        inode.size = max(1, inode.blocks) * BLOCK_SIZE
-        self._dirty(inode)
+        self.objects.dir_changed(inode, index)
 
     def _data(self, inode: Inode) -> FileData:
-        # Kept on the inode object: decoding the extent map was a tenth of a 4 KiB read.
-        # Every change to a file's extents goes through this object, and an inode dropped
-        # after a failed operation takes it along.
-        data = inode.data
-        if data is None:
-            data = inode.data = FileData(self.store, self._owned(inode), inode, self._dirty)
-        return data
+        return self.objects.data(inode)
 
     def _xattrs(self, inode: Inode) -> XattrStore:
-        return XattrStore(self._owned(inode), InodeNo(inode.ino), inode.xattr_root,
-                           self.store.sb.hash_key)
+        return self.objects.xattrs(inode)
 
     def _access_acl(self, inode: Inode) -> acls.Acl | None:
-        """The inode's access ACL for a permission check (cached on the inode object)."""
+        """The inode's access ACL for a permission check (cached with the inode)."""
         if not self.acl or not inode.xattr_root:
             return None
-        if inode.acl is None:
-            inode.acl = self._stored_acl(inode, acls.ACCESS) or ()
-        return inode.acl or None
+        acl = self.inodes.acls.get(inode.ino)
+        if acl is None:
+            acl = self.inodes.acls[inode.ino] = self._stored_acl(inode, acls.ACCESS) or ()
+        return acl or None
 
     def _stored_acl(self, inode: Inode, name: bytes) -> acls.Acl | None:
         if not inode.xattr_root:
@@ -363,16 +350,7 @@ class FileSystem:
 
     def _new_inode(self, parent: Inode | None, mode: int, uid: int, gid: int,
                    now: int) -> Inode:
-        ino = self.store.alloc_inode(InodeNo(parent.ino) if parent else None)
-        inode = Inode(ino)
-        inode.mode = mode
-        inode.uid = uid
-        inode.gid = gid
-        inode.nlink = 1
-        inode.atime_ns = inode.mtime_ns = inode.ctime_ns = inode.btime_ns = now
-        inode.generation = self.store.next_generation()
-        self.inodes.add(inode)
-        return inode
+        return self.objects.new_inode(parent, mode, uid, gid, now)
 
     def _touch_dir(self, inode: Inode, now: int) -> None:
         inode.mtime_ns = inode.ctime_ns = now
@@ -452,7 +430,7 @@ class FileSystem:
         for name, value in values:
             xattrs.set(name, value)
         inode.xattr_root = xattrs.root
-        inode.acl = access if not acls.is_minimal(access) else ()
+        self.inodes.acls[inode.ino] = access if not acls.is_minimal(access) else ()
 
     # -- namespace operations ---------------------------------------------------------------
 
@@ -808,98 +786,29 @@ class FileSystem:
             self._free_inode(inode)
 
     def _free_inode(self, inode: Inode) -> None:
-        """Free an inode with no name left and everything it owns; an orphan leaves the
-        list last, with the inode itself (its data may take several transactions)."""
-        if inode.is_reg or (inode.is_symlink and not inode.flags & INODE_FLAG_INLINE):
-            self.release_data(inode, 0)
-            self._data(inode).destroy()  # the emptied map (and nothing else) is reset
-        elif inode.is_dir:
-            self._dir(inode).destroy()
-        if inode.xattr_root:
-            self._xattrs(inode).destroy()
-        self._orphan_remove(inode)
-        self.inodes.forget(inode.ino)
-        self.store.free_inode(InodeNo(inode.ino))
+        """Free an inode with no name left and everything it owns (see Objects.free_inode)."""
+        self.objects.free_inode(inode)
 
     @_reading
     def release_data(self, inode: Inode, keep: int, *, protect: bool = True) -> None:
-        """Free the data blocks of ``inode`` (a regular file or long symlink) mapped at or
-        after logical block ``keep``, in steps that each fit in a transaction, committing
-        between them when the running transaction is full.
-
-        A delete or truncate of a file spanning more bitmap groups than a transaction can
-        dirty takes several transactions.  Before the first intermediate commit the inode
-        goes on the orphan list (unless it is on it already), and it leaves it after the
-        last step, so a crash in between leaves a consistent volume whose mount (or fsck)
-        finishes the job: an orphan with no links is freed, one with links is truncated to
-        its size, which is already the new one.  ``protect=False`` (fsck's repair, which a
-        second run finishes instead) skips the orphan list.  Changes of the operation made
-        before the call are committed with the first step, so they must be complete."""
-        data = self._data(inode)
-        store = self.store
-        added = False
-        while data.mapped_from(keep):
-            if not store.room_for_free_step():
-                if protect and not inode.flags & INODE_FLAG_ORPHAN:
-                    self._orphan_add(inode)
-                    added = True
-                self._dirty(inode)
-                self.inodes.flush()
-                store.commit(durable=False)
-            data.release_step(keep, store.free_step_groups())
-        if added:
-            self._orphan_remove(inode)
-
-    def _orphan_links(self) -> dict[int, int]:
-        """The predecessor of every inode on the orphan list (0 for the head): built by one
-        walk of the on-disk list at first use, then kept up to date by _orphan_add and
-        _orphan_remove, so that taking an inode off the singly linked list is O(1) (the
-        walk for its predecessor made releasing n open-unlinked files O(n^2))."""
-        prev = self._orphan_prev
-        if prev is None:
-            prev = {}
-            before, ino = 0, self.store.state.orphan_head
-            while ino:
-                if ino in prev:
-                    raise CorruptionError(0, "orphan list", f"loop at inode {ino}")
-                prev[ino] = before
-                before, ino = ino, self.inodes.get(ino).orphan_next
-            self._orphan_prev = prev
-        return prev
+        """Free the data blocks of ``inode`` from logical block ``keep`` on, committing
+        between steps when needed (see Objects.release_data)."""
+        self.objects.release_data(inode, keep, protect=protect)
 
     def _orphan_add(self, inode: Inode) -> None:
-        links = self._orphan_links()
-        state = self.store.state
-        inode.flags |= INODE_FLAG_ORPHAN
-        inode.orphan_next = state.orphan_head
-        if state.orphan_head:
-            links[state.orphan_head] = inode.ino
-        links[inode.ino] = 0
-        state.orphan_head = inode.ino
-        self.store.dirty(state)
-        self._dirty(inode)
+        self.objects.orphan_add(inode)
 
     def _orphan_remove(self, inode: Inode) -> None:
-        if not inode.flags & INODE_FLAG_ORPHAN:
-            return
-        links = self._orphan_links()
-        before = links.pop(inode.ino, None)
-        if before is None:
-            raise CorruptionError(0, "orphan list", f"inode {inode.ino} is flagged as an "
-                                  "orphan but not on the list")
-        after = inode.orphan_next
-        if before == 0:
-            self.store.state.orphan_head = after
-            self.store.dirty(self.store.state)
-        else:
-            prev = self.inodes.get(before)
-            prev.orphan_next = after
-            self._dirty(prev)
-        if after:
-            links[after] = before
-        inode.orphan_next = 0
-        inode.flags &= ~INODE_FLAG_ORPHAN
-        self._dirty(inode)
+        self.objects.orphan_remove(inode)
+
+    @property
+    def _orphan_prev(self) -> dict[int, int] | None:
+        return self.objects.orphan_prev
+
+    @_orphan_prev.setter
+    def _orphan_prev(self, value: dict[int, int] | None) -> None:
+        # Reset to None after a failure: the list is walked again at next use.
+        self.objects.orphan_prev = value
 
     @_mutating
     def _process_orphans(self) -> None:
@@ -1215,7 +1124,7 @@ class FileSystem:
         inode.xattr_root = xattrs.root
         inode.ctime_ns = _now()
         if name == acls.ACCESS:
-            inode.acl = ()  # the mode stays as it is, as on ext4
+            self.inodes.acls[inode.ino] = ()  # the mode stays as it is, as on ext4
         self._dirty(inode)
 
     # -- POSIX ACLs (nexfs/acl.py) -----------------------------------------------------------
@@ -1257,7 +1166,7 @@ class FileSystem:
                 mode &= ~stat.S_ISGID
             inode.mode = mode
         if name == acls.ACCESS:
-            inode.acl = acl if store else ()
+            self.inodes.acls[inode.ino] = acl if store and acl is not None else ()
         inode.ctime_ns = _now()
         self._dirty(inode)
 
@@ -1284,4 +1193,4 @@ class FileSystem:
         xattrs = self._xattrs(inode)
         xattrs.set(acls.ACCESS, new[1])
         inode.xattr_root = xattrs.root
-        inode.acl = new[0]
+        self.inodes.acls[inode.ino] = new[0]

@@ -36,14 +36,9 @@ from __future__ import annotations
 
 import stat
 import struct
-from typing import TYPE_CHECKING
 
 from . import checksum
 from .types import CorruptionError, InodeNo
-
-if TYPE_CHECKING:
-    from .acl import Acl
-    from .fileio import FileData
 
 INODE_SIZE = 256
 DATA_AREA_OFFSET = 128
@@ -74,7 +69,7 @@ class Inode:
     encoded into its table slot when the transaction is prepared for commit."""
 
     __slots__ = (
-        "acl", "area", "atime_ns", "blocks", "btime_ns", "ctime_ns", "data", "flags", "generation",
+        "area", "atime_ns", "blocks", "btime_ns", "ctime_ns", "flags", "generation",
         "gid", "ino", "mode", "mtime_ns", "nlink", "orphan_next", "parent", "rdev", "size",
         "uid", "xattr_root",
     )
@@ -98,12 +93,6 @@ class Inode:
         self.orphan_next = 0
         self.parent = 0
         self.area = bytearray(DATA_AREA_SIZE)
-        # Not on disk: the FileData (decoded extent map) over ``area``, built on first use by
-        # the filesystem and dropped with this object (nexfs/fs.py, _data).
-        self.data: FileData | None = None
-        # Not on disk either: the decoded access ACL, read on the first permission check
-        # (None: not read yet; an empty tuple: none).  Kept up to date by the filesystem.
-        self.acl: Acl | None = None
 
     @property
     def is_dir(self) -> bool:

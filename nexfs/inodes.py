@@ -18,6 +18,8 @@ from .metastore import MetaBlock
 from .types import BlockNo, FsError, InodeNo
 
 if TYPE_CHECKING:
+    from .acl import Acl
+    from .fileio import FileData
     from .store import Store
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,13 @@ class InodeCache:
         self.limit = limit
         self._lru: OrderedDict[int, Inode] = OrderedDict()
         self._dirty: dict[int, Inode] = {}
+        # The object layer's data handle of each cached inode (nexfs/objects.py, data):
+        # dropped with the inode, so a handle never outlives the decoded inode it is over.
+        self.data_handles: dict[int, FileData] = {}
+        # The decoded access ACL of each cached inode, read on its first permission check
+        # (absent: not read yet; an empty tuple: none).  Kept up to date by the filesystem
+        # and dropped with the inode like the data handle.
+        self.acls: dict[int, Acl] = {}
 
     def get(self, ino: int) -> Inode:
         """The inode ``ino``; FsError(ENOENT) if it is not allocated (a stale number)."""
@@ -69,6 +78,8 @@ class InodeCache:
         """The inode was freed: drop it without writing it back."""
         self._lru.pop(ino, None)
         self._dirty.pop(ino, None)
+        self.data_handles.pop(ino, None)
+        self.acls.pop(ino, None)
 
     def flush(self) -> None:
         """Encode every dirty inode into its table slot (joins the running transaction)."""
@@ -83,11 +94,15 @@ class InodeCache:
         """After a failed operation: forget in-memory changes that never reached the store."""
         for ino in list(self._dirty):
             self._lru.pop(ino, None)
+            self.data_handles.pop(ino, None)
+            self.acls.pop(ino, None)
         self._dirty.clear()
 
     def clear(self) -> None:
         self._lru.clear()
         self._dirty.clear()
+        self.data_handles.clear()
+        self.acls.clear()
 
     def _insert(self, inode: Inode) -> None:
         self._lru[inode.ino] = inode
@@ -101,6 +116,8 @@ class InodeCache:
                     break
                 continue
             del self._lru[ino]
+            self.data_handles.pop(ino, None)
+            self.acls.pop(ino, None)
             del old
 
 

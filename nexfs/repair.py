@@ -20,12 +20,11 @@ from collections.abc import Callable
 from .attr import ROOT_CTX
 from .bitmap import BPB, UNINIT, Bitmap, BitmapBlock, SummaryBlock
 from .checker import InodeInfo, Scan
-from .dirindex import DirIndex
-from .extents import ExtentMap
-from .fs import LOST_FOUND_INO, ROOT_INO, FileSystem
+from .fs import FileSystem
 from .inode import INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode, free_slot
 from .layout import SUMMARY_ENTRIES
 from .metastore import BLOCK_SIZE
+from .objects import LOST_FOUND_INO, ROOT_INO
 from .store import Store
 from .types import BlockNo, CorruptionError, FsError, InodeNo
 
@@ -81,6 +80,7 @@ class Repairer:
         self.found = found
         self.say = say
         self.fs = FileSystem(store)
+        self.objects = self.fs.objects
 
     def run(self) -> None:
         self.timeline()
@@ -125,7 +125,7 @@ class Repairer:
             self.store.write_inode_raw(InodeNo(ino), free_slot(InodeNo(ino), seed))
 
     def damaged_trees(self) -> None:
-        fs = self.fs
+        fs, objects = self.fs, self.objects
         for ino, info in self.found.inodes.items():
             if not (info.tree_damage or info.xattr_damage or info.conflicts or info.past_eof):
                 continue
@@ -140,29 +140,25 @@ class Repairer:
             ):
                 self._rebuild_extents(info)
             elif info.conflicts or info.past_eof:
-                data = fs._data(inode)
+                data = objects.data(inode)
                 for lblk, _phys, n in info.conflicts:
                     self.say(f"inode {ino}: unmapping blocks shared with another file")
                     data.emap.punch(lblk, n)  # the blocks stay with their other owner
                     inode.blocks -= n
                 if info.past_eof:
                     self.say(f"inode {ino}: freeing blocks past the end of the file")
-                    fs.release_data(inode, -(-inode.size // BLOCK_SIZE), protect=False)
+                    self.objects.release_data(inode, -(-inode.size // BLOCK_SIZE), protect=False)
             elif info.tree_damage:
                 self.say(f"inode {ino}: bad symlink; clearing it")
                 inode.size = 0
                 inode.nlink = 0
-            fs._dirty(inode)
+            objects.dirty(inode)
 
     def _rebuild_extents(self, info: InodeInfo) -> None:
-        fs = self.fs
-        inode = fs.inodes.get(info.ino)
+        inode = self.objects.inode(info.ino)
         self.say(f"inode {info.ino}: rebuilding its extent map from {len(info.runs)} "
                  "readable extent(s)")
-        inode.area[:] = bytes(len(inode.area))
-        emap = ExtentMap(fs._owned(inode), InodeNo(inode.ino), inode.area,
-                         lambda: fs._dirty(inode))
-        inode.blocks = 0
+        emap = self.objects.new_extent_map(inode)
         for lblk, phys, n in info.runs:
             emap.insert(lblk, phys, n)
             inode.blocks += n
@@ -170,45 +166,38 @@ class Repairer:
         inode.size = min(inode.size, end) if info.runs else 0
 
     def _rebuild_directory(self, info: InodeInfo) -> None:
-        fs = self.fs
-        inode = fs.inodes.get(info.ino)
+        inode = self.objects.inode(info.ino)
         self.say(f"directory {info.ino}: rebuilding its index from {len(info.entries)} "
                  "readable entries")
-        inode.area[:] = bytes(len(inode.area))
-        inode.blocks = 0
-        index = DirIndex(fs._owned(inode), InodeNo(inode.ino), 0, self.store.sb.hash_key)
+        directory = self.objects.new_directory_index(inode)
         for _cookie, name, child, dtype in info.entries:
             if child in self.found.inodes:
                 try:
-                    index.insert(name, child, dtype)
+                    directory.index.insert(name, child, dtype)
                 except FsError:
                     continue
-        fs._dir_changed(inode, index)
+        directory.write_back()
 
     def entries(self) -> None:
-        fs = self.fs
+        objects = self.objects
         drops = [(d, n) for d, n, _w in self.found.bad_entries]
         drops += [(d, n) for d, n, _c in self.found.extra_parents]
         for dino, name in drops:
             if self.found.inodes[dino].tree_damage:
                 continue  # rebuilt without it
             self.say(f"directory {dino}: removing entry {name!r}")
-            directory = fs.inodes.get(dino)
-            index = fs._dir(directory)
+            directory = objects.directory(objects.inode(dino))
             try:
-                index.remove(name)
+                directory.remove(name)
             except FsError:
                 continue
-            fs._dir_changed(directory, index)
         for dino, name, child, want in self.found.wrong_dtype:
-            directory = fs.inodes.get(dino)
-            index = fs._dir(directory)
+            directory = objects.directory(objects.inode(dino))
             self.say(f"directory {dino}: fixing the type of entry {name!r}")
             try:
-                index.replace(name, child, want)
+                directory.replace(name, child, want)
             except FsError:
                 continue
-            fs._dir_changed(directory, index)
 
     def orphans(self) -> None:
         fs = self.fs
@@ -218,7 +207,7 @@ class Repairer:
         for ino in self.found.orphans:
             inode = fs.inodes.get(ino)
             if inode.is_reg or (inode.is_symlink and not inode.flags & INODE_FLAG_INLINE):
-                fs.release_data(inode, 0, protect=False)
+                self.objects.release_data(inode, 0, protect=False)
         state = self.store.state
         if state.orphan_head:
             state.orphan_head = 0
@@ -228,10 +217,10 @@ class Repairer:
                 inode = fs.inodes.get(ino)
                 inode.flags &= ~INODE_FLAG_ORPHAN
                 inode.orphan_next = 0
-                fs._dirty(inode)
+                self.objects.dirty(inode)
         for ino in self.found.orphans:
             self.say(f"freeing deleted inode {ino}")
-            fs._free_inode(fs.inodes.get(ino))
+            self.objects.free_inode(fs.inodes.get(ino))
 
     def rebuild_root(self) -> None:
         """The root inode was damaged: recreate it as an empty directory (as e2fsck does).
@@ -254,12 +243,10 @@ class Repairer:
         if lf is None or not lf.inode.is_dir or LOST_FOUND_INO in found.orphans:
             return
         self.say(f"linking directory {LOST_FOUND_INO} into the new root as lost+found")
-        index = fs._dir(root)
-        index.insert(b"lost+found", LOST_FOUND_INO, stat.S_IFDIR >> 12)
-        fs._dir_changed(root, index)
+        self.objects.directory(root).add(b"lost+found", LOST_FOUND_INO, stat.S_IFDIR >> 12)
         lf_inode = fs.inodes.get(LOST_FOUND_INO)
         lf_inode.parent = ROOT_INO
-        fs._dirty(lf_inode)
+        self.objects.dirty(lf_inode)
         # Everything below it is reachable again (the walk of the checker's pass 3).
         reached: set[int] = {LOST_FOUND_INO}
         todo: list[int] = [LOST_FOUND_INO]
@@ -316,23 +303,19 @@ class Repairer:
                 inode = fs.inodes.get(ino)
                 for dino, name in named.get(ino, []):
                     if dino in unreachable:
-                        directory = fs.inodes.get(dino)
-                        index = fs._dir(directory)
+                        directory = self.objects.directory(fs.inodes.get(dino))
                         try:
-                            index.remove(name)
-                            fs._dir_changed(directory, index)
+                            directory.remove(name)
                         except FsError:
                             pass
                 name = f"#{ino}".encode()
                 self.say(f"linking inode {ino} into lost+found as {name.decode()}")
-                index = fs._dir(lf)
-                index.insert(name, ino, stat.S_IFMT(inode.mode) >> 12)
-                fs._dir_changed(lf, index)
+                self.objects.directory(lf).add(name, ino, stat.S_IFMT(inode.mode) >> 12)
                 if inode.is_dir:
                     inode.parent = lf_ino
                 if inode.nlink == 0:
                     inode.nlink = 1
-                fs._dirty(inode)
+                self.objects.dirty(inode)
                 done.add(ino)
             # Everything below a reconnected directory is reachable again.
             frontier = [i for i in roots if fs.inodes.get(i).is_dir]
@@ -374,7 +357,7 @@ def fix_counts(store: Store, found: Scan, say: Say) -> None:
                 inode.blocks = expect
                 changed = True
         if changed:
-            fs._dirty(inode)
+            fs.objects.dirty(inode)
     if found.bitmap_damage or found.counts_wrong:
         bfree = rewrite_bitmap(store, store.blocks, found.used_blocks)
         ifree = rewrite_bitmap(store, store.inodes, found.used_inodes)

@@ -232,7 +232,7 @@ def test_corrupt_tree_records() -> None:
 
 def test_tree_leaf_record_validation() -> None:
     _, _, em = fresh()
-    check = em._leaf_check
+    check = em.leaf_check
     assert check([0, 10], [struct.pack("<IQ", 10, 5), struct.pack("<IQ", 1, 50)]) is None
     assert "overlap" in (check([0, 5], [struct.pack("<IQ", 10, 5),
                                         struct.pack("<IQ", 1, 50)]) or "")

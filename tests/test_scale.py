@@ -449,7 +449,7 @@ def reference_find(bm: Bitmap, goal: int, want: int) -> tuple[int, int] | None:
                 continue
         if fallback is not None and free < want:
             continue
-        bits = bm.tail_mask(g) if entry & UNINIT else bm._bits(g)
+        bits = bm.tail_mask(g) if entry & UNINIT else bm.group_bits(g)
         mask = FULL & ~(bits | pend)
         full_pos, first_pos, first_len = find_run(mask, off, want)
         if full_pos >= 0:
