@@ -228,7 +228,7 @@ class FileSystem:
         # The store discarded its running transaction: decoded inodes changed since the
         # last commit may point at blocks that never reached the disk.  Read them again.
         self.inodes.clear()
-        self._orphan_prev = None
+        self.objects.orphan_prev = None
 
     def _make_root(self) -> None:
         now = _now()
@@ -800,15 +800,6 @@ class FileSystem:
 
     def _orphan_remove(self, inode: Inode) -> None:
         self.objects.orphan_remove(inode)
-
-    @property
-    def _orphan_prev(self) -> dict[int, int] | None:
-        return self.objects.orphan_prev
-
-    @_orphan_prev.setter
-    def _orphan_prev(self, value: dict[int, int] | None) -> None:
-        # Reset to None after a failure: the list is walked again at next use.
-        self.objects.orphan_prev = value
 
     @_mutating
     def _process_orphans(self) -> None:
