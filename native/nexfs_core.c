@@ -277,22 +277,30 @@ int nx_sync(struct nx_dev *dev)
     return rc;
 }
 
+/* One vectored transfer at ``lba``: checked, moved, counted.  The caller holds the device
+ * (enter/leave).  ``write`` selects the direction and the counters. */
+static int io_one(struct nx_dev *dev, uint64_t lba, struct iovec *iov, int iovcnt, int write)
+{
+    int rc = check_io(dev, lba, iov, iovcnt, write);
+    if (rc < 0)
+        return rc;
+    uint64_t sectors = 0;
+    for (int i = 0; i < iovcnt; i++)
+        sectors += iov[i].iov_len / dev->sector_size;
+    rc = transfer(dev->fd, iov, iovcnt, (off_t)(lba * dev->sector_size), write);
+    if (rc == 0) {
+        count(write ? &dev->writes : &dev->reads, 1);
+        count(write ? &dev->sectors_written : &dev->sectors_read, sectors);
+    }
+    return rc;
+}
+
 int nx_readv(struct nx_dev *dev, uint64_t lba, struct iovec *iov, int iovcnt)
 {
     int rc = enter(dev);
     if (rc < 0)
         return rc;
-    rc = check_io(dev, lba, iov, iovcnt, 0);
-    if (rc == 0) {
-        uint64_t sectors = 0;
-        for (int i = 0; i < iovcnt; i++)
-            sectors += iov[i].iov_len / dev->sector_size;
-        rc = transfer(dev->fd, iov, iovcnt, (off_t)(lba * dev->sector_size), 0);
-        if (rc == 0) {
-            count(&dev->reads, 1);
-            count(&dev->sectors_read, sectors);
-        }
-    }
+    rc = io_one(dev, lba, iov, iovcnt, 0);
     leave(dev);
     return rc;
 }
@@ -302,22 +310,12 @@ int nx_writev(struct nx_dev *dev, uint64_t lba, struct iovec *iov, int iovcnt, i
     int rc = enter(dev);
     if (rc < 0)
         return rc;
-    rc = check_io(dev, lba, iov, iovcnt, 1);
-    if (rc == 0) {
-        uint64_t sectors = 0;
-        for (int i = 0; i < iovcnt; i++)
-            sectors += iov[i].iov_len / dev->sector_size;
-        rc = transfer(dev->fd, iov, iovcnt, (off_t)(lba * dev->sector_size), 1);
-        if (rc == 0) {
-            count(&dev->writes, 1);
-            count(&dev->sectors_written, sectors);
-            /* O_DIRECT only bypasses the page cache; the device's volatile cache still
-             * needs a flush, and it must cover earlier writes too, hence fdatasync and
-             * not RWF_DSYNC (which would make only this write durable). */
-            if (durable)
-                rc = sync_fd(dev);
-        }
-    }
+    rc = io_one(dev, lba, iov, iovcnt, 1);
+    /* O_DIRECT only bypasses the page cache; the device's volatile cache still needs a
+     * flush, and it must cover earlier writes too, hence fdatasync and not RWF_DSYNC
+     * (which would make only this write durable). */
+    if (rc == 0 && durable)
+        rc = sync_fd(dev);
     leave(dev);
     return rc;
 }
