@@ -17,16 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from valve_fixtures import MiB, fd_flags, loop_device, make_image, pattern
+from valve_fixtures import MiB, fd_flags, image_fixture, loop_device, pattern
 
 from native import ffi, lib
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def img(tmp_path: Path) -> Path:
-    return make_image(tmp_path / "core.img", 4 * MiB)
+img = image_fixture("core.img", 4 * MiB)
 
 
 @pytest.fixture

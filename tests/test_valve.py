@@ -6,13 +6,20 @@ from __future__ import annotations
 import gc
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from valve_fixtures import MiB, fd_flags, loop_device, make_image, open_fds, pattern
+from valve_fixtures import (
+    MiB,
+    fd_flags,
+    image_fixture,
+    loop_device,
+    open_fds,
+    pattern,
+    valve_fixture,
+)
 
 from valve import (
     AlignedBuffer,
@@ -28,15 +35,8 @@ from valve import (
 RW = Rights.READ | Rights.WRITE
 
 
-@pytest.fixture
-def img(tmp_path: Path) -> Path:
-    return make_image(tmp_path / "valve.img", 8 * MiB)
-
-
-@pytest.fixture
-def valve(img: Path) -> Iterator[Valve]:
-    with Valve.open(img) as v:
-        yield v
+img = image_fixture("valve.img", 8 * MiB)
+valve = valve_fixture()
 
 
 @pytest.fixture

@@ -9,11 +9,19 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from valve_fixtures import MiB, loop_device, make_image, open_fds, pattern, ramfs
+from valve_fixtures import (
+    MiB,
+    image_fixture,
+    loop_device,
+    make_image,
+    open_fds,
+    pattern,
+    ramfs,
+    valve_fixture,
+)
 
 import valve as valve_pkg
 from valve import (
@@ -31,15 +39,8 @@ RW = Rights.READ | Rights.WRITE
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def img(tmp_path: Path) -> Path:
-    return make_image(tmp_path / "refuse.img", 1 * MiB)
-
-
-@pytest.fixture
-def valve(img: Path) -> Iterator[Valve]:
-    with Valve.open(img) as v:
-        yield v
+img = image_fixture("refuse.img", 1 * MiB)
+valve = valve_fixture()
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """Helpers for the native and valve tests: image files, loop devices, a ramfs mount.
 
-Plain functions and context managers rather than fixtures, so that each test module
-declares the fixtures it uses (and ruff sees no unused imports).  Loop devices and
-mounts are always torn down, even when the test fails.
+Plain functions and context managers, and fixture factories (``img = image_fixture(...)``
+in a test module) so that each test module declares the fixtures it uses (and ruff sees no
+unused imports).  Loop devices and mounts are always torn down, even when the test fails.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 MiB = 1024 * 1024
 
@@ -21,6 +24,28 @@ def make_image(path: Path, nbytes: int) -> Path:
     with open(path, "wb") as f:
         f.truncate(nbytes)
     return path
+
+
+def image_fixture(name: str, nbytes: int) -> Any:
+    """A fixture ``img``: a fresh sparse image file ``name`` of ``nbytes`` per test."""
+
+    @pytest.fixture
+    def img(tmp_path: Path) -> Path:
+        return make_image(tmp_path / name, nbytes)
+
+    return img
+
+
+def valve_fixture() -> Any:
+    """A fixture ``valve``: the Block Valve opened on the test's ``img``, closed after it."""
+    from valve import Valve
+
+    @pytest.fixture
+    def valve(img: Path) -> Iterator[Valve]:
+        with Valve.open(img) as v:
+            yield v
+
+    return valve
 
 
 @contextlib.contextmanager
