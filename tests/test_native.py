@@ -133,13 +133,18 @@ def test_more_segments_than_iov_max(dev: Any) -> None:
 
 def test_refuses_unaligned_and_out_of_range(dev: Any) -> None:
     ss = dev.sector_size
-    buf = ffi.cast("char *", aligned(dev, 4 * 4096))
+    # The cast pointer does not keep the buffer alive: hold the owner for the whole test
+    # (a temporary here was freed at once, and the last read wrote into freed heap memory:
+    # an intermittent crash of the test process much later).
+    owner = aligned(dev, 4 * 4096)
+    buf = ffi.cast("char *", owner)
     assert lib.nx_read(dev, 0, buf + 1, ss) == -errno.EINVAL  # address
     assert lib.nx_read(dev, 0, buf, ss + 1) == -errno.EINVAL  # length
     assert lib.nx_read(dev, 0, buf, 0) == -errno.EINVAL  # nothing
     assert lib.nx_read(dev, dev.total_sectors, buf, ss) == -errno.EINVAL  # past the end
     assert lib.nx_write(dev, dev.total_sectors - 1, buf, 2 * ss, 0) == -errno.EINVAL
     assert lib.nx_read(dev, dev.total_sectors - 1, buf, ss) == 0  # the last sector is fine
+    del owner  # freed only now, after every use of buf
 
 
 def test_short_read_is_an_error_not_zeros(dev: Any, img: Path) -> None:
