@@ -145,14 +145,18 @@ def test_fsck_notices_a_block_from_another_timeline() -> None:
     assert f"newer than the last committed tid {last}" in problems[0]
     assert found.problems == problems  # nothing else could tell
 
-    store = Store.open(past)
+    _repair_and_check_clean(past)
+
+
+def _repair_and_check_clean(dev: MemDevice) -> None:
+    """fsck -y on ``dev``, then the volume must scan clean, as repaired and reopened."""
+    store = Store.open(dev)
     try:
-        found = scan(store)
-        Repairer(store, found, lambda _m: None).run()
+        Repairer(store, scan(store), lambda _m: None).run()
         assert scan(store).clean
     finally:
         store.close()
-    fs = FileSystem.open(past, read_only=True)
+    fs = FileSystem.open(dev, read_only=True)
     try:
         assert scan(fs.store).clean
     finally:
@@ -180,16 +184,7 @@ def test_fsck_timeline_check_covers_state_and_bitmaps() -> None:
         fs.close()
     assert found.wrong_timeline == [1, geo.bsummary_start, geo.ibitmap_start], found.problems
     assert len(found.problems) == 3
-    store = Store.open(dev)  # fsck -y
-    try:
-        Repairer(store, scan(store), lambda _m: None).run()
-    finally:
-        store.close()
-    fs = FileSystem.open(dev, read_only=True)
-    try:
-        assert scan(fs.store).clean
-    finally:
-        fs.close()
+    _repair_and_check_clean(dev)
 
 
 def test_no_room_for_a_new_timeline_is_refused_not_written() -> None:
