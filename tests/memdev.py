@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 class BlockInfo(NamedTuple):
     sector_size: int
     total_sectors: int
+    exclusive: bool = True
 
 
 class MemDeviceError(OSError):

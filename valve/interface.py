@@ -47,6 +47,10 @@ class BlockInfo(NamedTuple):
 
     sector_size: int
     total_sectors: int
+    exclusive: bool = True
+    """True when the valve holds an exclusive lock on the device (a local image or block
+    device, ``flock``); False for a device no lock can protect (a network export), where the
+    filesystem needs its own multi-mount protection."""
 
 
 @dataclass(frozen=True, slots=True)
