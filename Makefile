@@ -53,10 +53,10 @@ long: venv
 	$(PY) fuzz/fuzz_valve.py -max_total_time=600 /tmp/nexfs-fuzz-corpus fuzz/regressions
 
 bench-quick: venv
-	$(PY) -m nexfs.cli bench --quick
+	$(PY) -m nexfs.tools.cli bench --quick
 
 bench: venv
-	$(PY) -m nexfs.cli bench
+	$(PY) -m nexfs.tools.cli bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info native/_core*.so native/_core.c

@@ -1,5 +1,7 @@
-"""Mount a NexFS volume: ``python mount.py`` mounts ./nexfs.img on ./mnt (see nexfs/mount.py)."""
+"""Mount a NexFS volume: ``python mount.py`` mounts ./nexfs.img on ./mnt
+(see nexfs/tools/mount.py).
+"""
 
-from nexfs.mount import main
+from nexfs.tools.mount import main
 
 raise SystemExit(main())

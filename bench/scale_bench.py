@@ -34,8 +34,8 @@ from typing import Any
 # Run as a script from anywhere: nexfs and the valve live at the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nexfs.attr import Ctx
-from nexfs.fs import ROOT_INO, FileSystem
+from nexfs.core.attr import Ctx
+from nexfs.core.fs import ROOT_INO, FileSystem
 from nexfs.types import InodeNo
 from valve import Rights, Valve
 

@@ -79,7 +79,7 @@ def _score(w: Workload, ops: int, elapsed: float) -> float:
 
 def run_valve(cap: Capability, w: Workload, seconds: float, seed: int) -> float:
     """One timed pass through the valve; returns MiB/s or IOPS."""
-    ss, total = cap.block_info()
+    ss, total = cap.block_info()[:2]
     count = w.block // ss
     slots = total // count
     buf = cap.alloc_buffer(w.block)

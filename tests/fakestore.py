@@ -1,4 +1,4 @@
-"""An in-memory :class:`nexfs.metastore.MetaStore` for unit tests of the trees.
+"""An in-memory :class:`nexfs.ondisk.metablock.MetaStore` for unit tests of the trees.
 
 It is strict where the real store may be lenient, so bugs in its users surface here:
 
@@ -19,8 +19,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
 
-from nexfs import checksum
-from nexfs.metastore import BLOCK_SIZE, MetaBlock
+from nexfs.ondisk import checksum
+from nexfs.ondisk.metablock import BLOCK_SIZE, MetaBlock
 from nexfs.types import BlockNo, FsError, InodeNo
 
 M = TypeVar("M", bound=MetaBlock)

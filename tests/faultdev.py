@@ -4,7 +4,7 @@
 alloc_buffer`` (a valve capability or a tests/memdev.py device) and passes every call
 through, except the ones it was armed to fail.  The in-process tests arm it directly; the
 real-mount tests get it into the daemon through tests/faultmount.py, which wraps the
-mount's capability in it (the product's device seam, ``nexfs.mount.Seams``) from a text
+mount's capability in it (the product's device seam, ``nexfs.tools.mount.Seams``) from a text
 specification (:func:`parse_spec`, :meth:`FaultDevice.from_spec`).
 
 * ``fail_read(n)``: the n-th read from now raises EIO (nothing read);

@@ -1,6 +1,6 @@
 """mount.nexfs with injected faults, for the real-mount tests: the product's own mount
-command (``nexfs.mount.main``, every option and the daemonizing unchanged) given fault
-injectors through its seams (``nexfs.mount.Seams``)::
+command (``nexfs.tools.mount.main``, every option and the daemonizing unchanged) given fault
+injectors through its seams (``nexfs.tools.mount.Seams``)::
 
     python tests/faultmount.py [--device-fault SPEC] [--handler-fault SPEC] -- MOUNT-ARGS...
 
@@ -28,8 +28,8 @@ from typing import Any
 
 from faultdev import FaultDevice, parse_spec
 
-from nexfs.fuse_adapter import FuseAdapter
-from nexfs.mount import EXIT_USAGE, Seams, main
+from nexfs.fuse.adapter import FuseAdapter
+from nexfs.tools.mount import EXIT_USAGE, Seams, main
 
 log = logging.getLogger("faultmount")
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nexfs.attr import Ctx
-from nexfs.fs import ROOT_INO, FileSystem
+from nexfs.core.attr import Ctx
+from nexfs.core.fs import ROOT_INO, FileSystem
 from valve import Rights, Valve
 
 ROOT = Ctx(uid=0, gid=0)
@@ -46,7 +46,7 @@ def fsck_clean(path: Path) -> tuple[int, str]:
     import contextlib
     import io
 
-    from nexfs.fsck import main as fsck_main
+    from nexfs.tools.fsck import main as fsck_main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):

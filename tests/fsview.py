@@ -1,6 +1,6 @@
 """The visible state of a filesystem, as a value: what the crash oracle compares.
 
-:func:`take_view` walks the namespace of an open :class:`~nexfs.fs.FileSystem` in-process and
+:func:`take_view` walks the namespace of an open :class:`~nexfs.core.fs.FileSystem` in-process and
 returns a :class:`View`: for every path its inode number, generation, type, permission bits,
 link count, size, symlink target and extended attributes, and the contents of every regular
 file.  Two views of the same committed state are equal, inode numbers included (a replayed
@@ -19,8 +19,8 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass, field
 
-from nexfs.attr import Ctx
-from nexfs.fs import ROOT_INO, FileSystem
+from nexfs.core.attr import Ctx
+from nexfs.core.fs import ROOT_INO, FileSystem
 
 ROOT = Ctx(uid=0, gid=0)
 NodeId = tuple[int, int]  # (inode number, generation)

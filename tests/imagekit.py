@@ -21,15 +21,15 @@ from typing import TypeVar
 
 from fsutil import ROOT, make_image, mounted
 
-from nexfs.bitmap import BitmapBlock, SummaryBlock
-from nexfs.btree import KIND_DIR, KIND_EXTENTS, KIND_XATTR, Node, decode_node
-from nexfs.extents import AREA_HEADER, EXTENT, MODE_TREE
-from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.inode import Inode
-from nexfs.itable import locate
-from nexfs.layout import INODE_SIZE, STATE_BLOCK, SUMMARY_ENTRIES, Geometry, StateBlock
-from nexfs.metastore import BLOCK_SIZE, MAGIC_BITMAP, MAGIC_SUMMARY, MetaBlock
-from nexfs.store import Store
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk.bitmap import BitmapBlock, SummaryBlock
+from nexfs.ondisk.btree import KIND_DIR, KIND_EXTENTS, KIND_XATTR, Node, decode_node
+from nexfs.ondisk.extents import AREA_HEADER, EXTENT, MODE_TREE
+from nexfs.ondisk.inode_record import Inode
+from nexfs.ondisk.inode_table import locate
+from nexfs.ondisk.layout import INODE_SIZE, STATE_BLOCK, SUMMARY_ENTRIES, Geometry, StateBlock
+from nexfs.ondisk.metablock import BLOCK_SIZE, MAGIC_BITMAP, MAGIC_SUMMARY, MetaBlock
+from nexfs.store.store import Store
 from nexfs.types import BlockNo, FsError, InodeNo
 from valve import Rights, Valve
 

@@ -52,7 +52,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def make_image(path: Path, size: str = TEST_IMAGE_SIZE) -> Path:
     """A freshly formatted sparse image (mkfs.nexfs, in-process: no interpreter start-up)."""
-    from nexfs.mkfs import main as mkfs_main
+    from nexfs.tools.mkfs import main as mkfs_main
 
     code = mkfs_main(["--size", size, "--quiet", "--label", "mount-test", str(path)])
     assert code == 0, f"mkfs.nexfs exit {code}"
@@ -65,7 +65,7 @@ def fsck(image: Path, *args: str) -> tuple[int, str]:
     import contextlib
     import io
 
-    from nexfs.fsck import main as fsck_main
+    from nexfs.tools.fsck import main as fsck_main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -76,9 +76,9 @@ def fsck(image: Path, *args: str) -> tuple[int, str]:
 def volume_is_clean(image: Path) -> bool:
     """True when the superblock says CLEAN (and nothing else): the last session closed the
     volume, which checkpoints the journal and leaves it empty."""
-    from nexfs.blockdev import BlockDev
-    from nexfs.layout import STATE_CLEAN
-    from nexfs.volume import read_superblock
+    from nexfs.ondisk.layout import STATE_CLEAN
+    from nexfs.store.blockdev import BlockDev
+    from nexfs.store.volume import read_superblock
     from valve import Rights, Valve
 
     with Valve.open(image, read_only=True) as v:

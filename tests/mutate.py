@@ -24,13 +24,12 @@ from dataclasses import dataclass
 
 from memdev import MemDevice
 
-from nexfs import checksum
-from nexfs.attr import Ctx
-from nexfs.checker import scan
-from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.journal import DESC_ENTRIES, JCOMMIT, JHEADER
-from nexfs.layout import SB_CRC_OFFSET, Superblock
-from nexfs.metastore import (
+from nexfs.check.checker import scan
+from nexfs.core.attr import Ctx
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk import checksum
+from nexfs.ondisk.layout import SB_CRC_OFFSET, Superblock
+from nexfs.ondisk.metablock import (
     BLOCK_SIZE,
     MAGIC_BTREE_INNER,
     MAGIC_BTREE_LEAF,
@@ -38,6 +37,7 @@ from nexfs.metastore import (
     MAGIC_JDESC,
     seal_block,
 )
+from nexfs.store.journal import DESC_ENTRIES, JCOMMIT, JHEADER
 
 ROOT = Ctx()
 Image = dict[int, bytes]  # block number -> 4096 bytes (absent = zeros)

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 
 from fsutil import ROOT
 
-from nexfs.bitmap import BPB
-from nexfs.fs import FileSystem
-from nexfs.metastore import BLOCK_SIZE
+from nexfs.core.fs import FileSystem
+from nexfs.ondisk.bitmap import BPB
+from nexfs.ondisk.metablock import BLOCK_SIZE
 from nexfs.types import BlockNo
 
 

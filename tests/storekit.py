@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from memdev import MemDevice
 
-from nexfs.metastore import HEADER_SIZE, MetaBlock, check_header, pack_header, seal_block
-from nexfs.store import Store
+from nexfs.ondisk.metablock import HEADER_SIZE, MetaBlock, check_header, pack_header, seal_block
+from nexfs.store.store import Store
 from nexfs.types import BlockNo
 
 MAGIC_PAYLOAD = 0x59415058  # "XPAY": test-only block kind

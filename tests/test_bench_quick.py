@@ -29,7 +29,7 @@ def test_quick_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     out = tmp_path / "results"
     work = tmp_path / "work"
     proc = subprocess.run(
-        [sys.executable, "-m", "nexfs.cli", "bench", "--quick", "--out", str(out),
+        [sys.executable, "-m", "nexfs.tools.cli", "bench", "--quick", "--out", str(out),
          "--workdir", str(work)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from memdev import MemDevice
 from storekit import new_volume
 
-from nexfs import checksum
-from nexfs.bitmap import (
+from nexfs.ondisk import checksum
+from nexfs.ondisk.bitmap import (
     BPB,
     FULL,
     UNINIT,
@@ -22,9 +22,9 @@ from nexfs.bitmap import (
     trailing_ones,
     trailing_zeros,
 )
-from nexfs.layout import SUMMARY_ENTRIES
-from nexfs.metastore import BLOCK_SIZE, MAGIC_BITMAP, MAGIC_SUMMARY
-from nexfs.store import Store
+from nexfs.ondisk.layout import SUMMARY_ENTRIES
+from nexfs.ondisk.metablock import BLOCK_SIZE, MAGIC_BITMAP, MAGIC_SUMMARY
+from nexfs.store.store import Store
 from nexfs.types import BlockNo, CorruptionError, FsError, InodeNo
 
 SEED = checksum.uuid_seed(b"u" * 16)

@@ -1,4 +1,4 @@
-"""Unit tests of the generic B+tree (nexfs.btree) on the in-memory FakeStore."""
+"""Unit tests of the generic B+tree (nexfs.ondisk.btree) on the in-memory FakeStore."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from nexfs.btree import (
+from nexfs.ondisk.btree import (
     CAPACITY,
     KIND_DIR,
     KIND_TEST,
@@ -21,7 +21,7 @@ from nexfs.btree import (
     BTree,
     Node,
 )
-from nexfs.metastore import BLOCK_SIZE, HEADER_SIZE
+from nexfs.ondisk.metablock import BLOCK_SIZE, HEADER_SIZE
 from nexfs.types import BlockNo, CorruptionError
 
 OWNER = 42
@@ -484,7 +484,7 @@ def test_count_and_lengths_overrunning_the_block() -> None:
     buf = bytearray(BLOCK_SIZE)
     leaf.encode(memoryview(buf), store.volume_seed, store.tid)
     struct.pack_into("<H", buf, HEADER_SIZE + 2, 500)  # count: 500 entries cannot fit
-    from nexfs.metastore import seal_block
+    from nexfs.ondisk.metablock import seal_block
 
     seal_block(memoryview(buf), store.volume_seed, leaf.blkno)
     store.write_raw(leaf.blkno, bytes(buf))

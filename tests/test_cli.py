@@ -11,9 +11,9 @@ import pytest
 from fsutil import ROOT, mounted
 from imagekit import Vol, file_hash, fsck, tool
 
-from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.layout import Superblock
-from nexfs.metastore import BLOCK_SIZE
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk.layout import Superblock
+from nexfs.ondisk.metablock import BLOCK_SIZE
 from valve import Rights, Valve
 
 MiB = 1 << 20

@@ -37,10 +37,10 @@ from imagekit import (
     write_at,
 )
 
-from nexfs.btree import Node
-from nexfs.fs import LOST_FOUND_INO, ROOT_INO, FileSystem
-from nexfs.layout import Superblock
-from nexfs.metastore import BLOCK_SIZE
+from nexfs.core.fs import LOST_FOUND_INO, ROOT_INO, FileSystem
+from nexfs.ondisk.btree import Node
+from nexfs.ondisk.layout import Superblock
+from nexfs.ondisk.metablock import BLOCK_SIZE
 from nexfs.types import CorruptionError, FsError
 from valve import Rights, Valve
 

@@ -40,7 +40,7 @@ from fsview import ROOT
 from memdev import MemDevice
 from test_crash_explore import Mark, Workload, check_state, resolve, split
 
-from nexfs.fs import ROOT_INO, FileSystem
+from nexfs.core.fs import ROOT_INO, FileSystem
 
 LONG = os.environ.get("NEXFS_LONG") == "1"
 NAMES = ["a", "b", "c", "d/a", "d/b"]
@@ -84,7 +84,7 @@ def _ops(w: Workload, rng: random.Random, held: list[int]) -> Callable[[], objec
         return lambda: fs.rename(resolve(fs, split(path)[0]), split(path)[1],
                                  resolve(fs, split(dest)[0]), split(dest)[1], 0, ROOT)
     if kind == "truncate":
-        from nexfs.attr import SetAttr
+        from nexfs.core.attr import SetAttr
 
         size = rng.choice([0, 10, 5000])
         return lambda: fs.setattr(resolve(fs, path), SetAttr(size=size), ROOT)

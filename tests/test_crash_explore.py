@@ -42,9 +42,9 @@ from crashsim import CrashState, RecordingDevice, crash_states
 from fsview import ROOT, View, explain_match, take_view
 from memdev import MemDevice
 
-from nexfs.attr import SetAttr
-from nexfs.checker import scan
-from nexfs.fs import ROOT_INO, FileSystem
+from nexfs.check.checker import scan
+from nexfs.core.attr import SetAttr
+from nexfs.core.fs import ROOT_INO, FileSystem
 from nexfs.types import FsError
 
 LONG = os.environ.get("NEXFS_LONG") == "1"

@@ -1,5 +1,5 @@
-"""The data path's caches: the data cache (nexfs/datacache.py) and write-behind
-(nexfs/writebehind.py), in process on the in-memory device and on a real image through the
+"""The data path's caches: the data cache (nexfs/store/datacache.py) and write-behind
+(nexfs/store/writebehind.py), in process on the in-memory device and on a real image through the
 valve.  What is checked: reads always see the latest write; ordered data (every data block a
 commit points at is on the device before the commit block); dirty data never outlives
 memory bounds; device errors of deferred writes reach fsync; a crash loses only what was
@@ -17,14 +17,14 @@ from faultdev import FaultDevice
 from fsview import ROOT
 from memdev import MemDevice
 
-from nexfs.blockdev import BlockDev
-from nexfs.checker import scan
-from nexfs.datacache import SMALL_MAX, DataCache
-from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.metastore import BLOCK_SIZE
-from nexfs.store import Store
+from nexfs.check.checker import scan
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.store.blockdev import BlockDev
+from nexfs.store.datacache import SMALL_MAX, DataCache
+from nexfs.store.store import Store
+from nexfs.store.writebehind import WriteBehind
 from nexfs.types import FsError
-from nexfs.writebehind import WriteBehind
 from valve import Rights, Valve
 
 MiB = 1024 * 1024

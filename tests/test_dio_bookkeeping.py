@@ -14,9 +14,9 @@ import pyfuse3
 import pytest
 from fsutil import make_image, mounted
 
-from nexfs import fuse_adapter
-from nexfs.fs import ROOT_INO
-from nexfs.fuse_adapter import FuseAdapter
+from nexfs.core.fs import ROOT_INO
+from nexfs.fuse import adapter as fuse_adapter
+from nexfs.fuse.adapter import FuseAdapter
 
 CTX = pyfuse3.RequestContext()  # uid 0
 

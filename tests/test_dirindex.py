@@ -1,4 +1,4 @@
-"""Unit tests of the directory index (nexfs.dirindex) on the in-memory FakeStore."""
+"""Unit tests of the directory index (nexfs.ondisk.dirindex) on the in-memory FakeStore."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from nexfs.btree import KIND_DIR, BTree, Node
-from nexfs.dirindex import ENTRY_HEADER, MIN_COOKIE, SEQ_BITS, DirIndex, keyed_hash
-from nexfs.metastore import BLOCK_SIZE
+from nexfs.ondisk.btree import KIND_DIR, BTree, Node
+from nexfs.ondisk.dirindex import ENTRY_HEADER, MIN_COOKIE, SEQ_BITS, DirIndex, keyed_hash
+from nexfs.ondisk.metablock import BLOCK_SIZE
 from nexfs.types import CorruptionError, FsError
 
 OWNER = 9

@@ -1,4 +1,4 @@
-"""Unit tests of the file block map (nexfs.extents) on the in-memory FakeStore."""
+"""Unit tests of the file block map (nexfs.ondisk.extents) on the in-memory FakeStore."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from nexfs.extents import (
+from nexfs.ondisk.extents import (
     AREA_SIZE,
     EXTENT,
     INLINE_BACK,
@@ -222,7 +222,7 @@ def test_corrupt_tree_records() -> None:
     store, ino, em = fresh()
     for i in range(20):
         em.insert(i * 4, 100 + i * 10, 2)
-    from nexfs.extents import AREA_HEADER
+    from nexfs.ondisk.extents import AREA_HEADER
 
     root = AREA_HEADER.unpack_from(ino.area)[4]
     store.corrupt(root, 100)

@@ -1,6 +1,6 @@
-"""The one failure policy (nexfs/failure.py): every public FileSystem method is a boundary that
-hands its failures to it, and a failure is decided (logged, the volume marked) once however
-many boundaries it crosses."""
+"""The one failure policy (nexfs/store/failure.py): every public FileSystem method is a boundary
+that hands its failures to it, and a failure is decided (logged, the volume marked) once
+however many boundaries it crosses."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import logging
 import pytest
 from memdev import MemDevice
 
-from nexfs.attr import Ctx
-from nexfs.failure import FailurePolicy
-from nexfs.fs import FAILURE_BOUNDARY, ROOT_INO, FileSystem
-from nexfs.metastore import MetaBlock
+from nexfs.core.attr import Ctx
+from nexfs.core.fs import FAILURE_BOUNDARY, ROOT_INO, FileSystem
+from nexfs.ondisk.metablock import MetaBlock
+from nexfs.store.failure import FailurePolicy
 from nexfs.types import BlockNo
 
 ROOT = Ctx()
@@ -112,7 +112,7 @@ def test_adapter_only_maps_errno(caplog: pytest.LogCaptureFixture) -> None:
     """The adapter answers with the errno and leaves the verdict to the policy: a failure the
     core has decided is not logged or decided again; one that reaches the adapter undecided
     (a bug of its own) is decided there, once."""
-    from nexfs.fuse_adapter import FuseAdapter
+    from nexfs.fuse.adapter import FuseAdapter
     from nexfs.types import CorruptionError, FsError
 
     fs = _fs()

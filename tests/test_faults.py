@@ -25,11 +25,11 @@ from faultdev import FaultDevice
 from fsview import ROOT, View, explain_match, take_view
 from memdev import MemDevice
 
-from nexfs.attr import SetAttr
-from nexfs.checker import scan
-from nexfs.datacache import SMALL_MAX
-from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.metastore import BLOCK_SIZE
+from nexfs.check.checker import scan
+from nexfs.core.attr import SetAttr
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.store.datacache import SMALL_MAX
 from nexfs.types import FsError
 from valve import Rights, Valve
 

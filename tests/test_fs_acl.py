@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from fsutil import OTHER, ROOT, USER, mounted
 
-from nexfs import acl as acls
-from nexfs.acl import GROUP, GROUP_OBJ, MASK, USER_OBJ, Entry
-from nexfs.acl import OTHER as OTHER_TAG
-from nexfs.acl import USER as USER_TAG
-from nexfs.attr import Ctx, SetAttr
-from nexfs.fs import ROOT_INO, FileSystem
+from nexfs.core import acl as acls
+from nexfs.core.acl import GROUP, GROUP_OBJ, MASK, USER_OBJ, Entry
+from nexfs.core.acl import OTHER as OTHER_TAG
+from nexfs.core.acl import USER as USER_TAG
+from nexfs.core.attr import Ctx, SetAttr
+from nexfs.core.fs import ROOT_INO, FileSystem
 from nexfs.types import FsError
 
 

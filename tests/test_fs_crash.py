@@ -20,8 +20,8 @@ from crashsim import RecordingDevice, crash_states
 from fsutil import ROOT
 from memdev import MemDevice
 
-from nexfs.checker import scan
-from nexfs.fs import ROOT_INO, FileSystem
+from nexfs.check.checker import scan
+from nexfs.core.fs import ROOT_INO, FileSystem
 from nexfs.types import FsError
 
 STATES_CHECKED: list[int] = []
@@ -88,7 +88,7 @@ def _workload(fs: FileSystem, rec: RecordingDevice, rng: random.Random, steps: i
             after = {**files, name: files[name][:size]}
             note(False, after)
             ino = fs.lookup(d, name.encode(), ROOT).ino
-            from nexfs.attr import SetAttr
+            from nexfs.core.attr import SetAttr
 
             fs.setattr(ino, SetAttr(size=size), ROOT)
             fs.fsync(ino, False)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from fsutil import ROOT, USER, mounted
 
-from nexfs.attr import Ctx
-from nexfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, ROOT_INO, FileSystem
+from nexfs.core.attr import Ctx
+from nexfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, ROOT_INO, FileSystem
 from nexfs.types import FsError
 
 

@@ -16,8 +16,8 @@ from fsutil import ROOT, fsck_clean, make_image
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from nexfs.attr import SetAttr
-from nexfs.fs import ROOT_INO, FileSystem
+from nexfs.core.attr import SetAttr
+from nexfs.core.fs import ROOT_INO, FileSystem
 from nexfs.types import FsError
 from valve import Rights, Valve
 

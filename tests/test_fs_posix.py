@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fsutil import OTHER, ROOT, USER, mounted, resolve
 
-from nexfs.attr import UTIME_NOW, Ctx, SetAttr
-from nexfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, FileSystem
+from nexfs.core.attr import UTIME_NOW, Ctx, SetAttr
+from nexfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, FileSystem
 from nexfs.types import FsError
 
 

@@ -14,9 +14,9 @@ import time
 import pytest
 from fsutil import OTHER, ROOT, USER
 
-from nexfs import fs as fs_module
-from nexfs.attr import Ctx, SetAttr
-from nexfs.fs import ROOT_INO, FileSystem
+from nexfs.core import fs as fs_module
+from nexfs.core.attr import Ctx, SetAttr
+from nexfs.core.fs import ROOT_INO, FileSystem
 from nexfs.types import FsError
 
 FMODE_EXEC = 0o40  # the kernel's __FMODE_EXEC, in the open flags FUSE passes for an execve
@@ -196,7 +196,7 @@ def test_which_opens_set_the_atime(fs: FileSystem) -> None:
     not."""
     import trio
 
-    from nexfs.fuse_adapter import FuseAdapter
+    from nexfs.fuse.adapter import FuseAdapter
 
     class Caller:  # what the adapter reads of pyfuse3's RequestContext
         uid, gid, pid, umask = 0, 0, 1, 0

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from fsview import ROOT, take_view
 from memdev import MemDevice
 
-from nexfs.attr import SetAttr
-from nexfs.bitmap import BPB
-from nexfs.checker import scan
-from nexfs.fs import ROOT_INO, FileSystem
+from nexfs.check.checker import scan
+from nexfs.core.attr import SetAttr
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk.bitmap import BPB
 from nexfs.types import FsError
 
 

@@ -42,9 +42,9 @@ import pytest
 from fsutil import ROOT, fsck_clean, make_image, mounted
 from fsview import take_view
 
-from nexfs import acl as acls
-from nexfs.attr import SetAttr
-from nexfs.fs import RENAME_EXCHANGE, ROOT_INO, FileSystem
+from nexfs.core import acl as acls
+from nexfs.core.attr import SetAttr
+from nexfs.core.fs import RENAME_EXCHANGE, ROOT_INO, FileSystem
 from nexfs.types import FsError
 
 LONG = os.environ.get("NEXFS_LONG") == "1"

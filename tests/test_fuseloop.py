@@ -1,4 +1,4 @@
-"""The request loop's waits (nexfs/fuseloop.py), on a pipe standing in for /dev/fuse: a
+"""The request loop's waits (nexfs/fuse/loop.py), on a pipe standing in for /dev/fuse: a
 request already waiting is taken without a trio scheduler pass, other tasks still run
 under a steady stream, and an idle wait ends up in trio (so cancellation works)."""
 
@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from nexfs import fuseloop
+from nexfs.fuse import loop as fuseloop
 
 
 @pytest.fixture

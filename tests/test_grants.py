@@ -1,4 +1,4 @@
-"""Capabilities scoped to regions (nexfs/grants.py, docs/VALVE.md "Grants inside NexFS").
+"""Capabilities scoped to regions (nexfs/store/grants.py, docs/VALVE.md "Grants inside NexFS").
 
 The store splits the capability it is opened with into four views -- superblocks, journal,
 metadata homes, data -- and hands each writer only its own.  These tests show every refusal:
@@ -29,14 +29,14 @@ from fsutil import ROOT, make_image, mounted
 from memdev import MemDevice
 from storekit import new_volume
 
-import nexfs.volume
-from nexfs.blockdev import BlockDev
-from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.layout import SB_MAGIC, STATE_BLOCK, STATE_ERROR, Geometry
-from nexfs.metastore import BLOCK_SIZE
-from nexfs.store import Store
+import nexfs.store.volume
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk.layout import SB_MAGIC, STATE_BLOCK, STATE_ERROR, Geometry
+from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.store.blockdev import BlockDev
+from nexfs.store.store import Store
+from nexfs.store.volume import read_superblock
 from nexfs.types import BlockNo, FsError
-from nexfs.volume import read_superblock
 from valve import CapabilityError, Rights, Valve
 
 RW = Rights.READ | Rights.WRITE
@@ -69,7 +69,7 @@ def _probes(g: Geometry) -> dict[str, tuple[int, int]]:
 
 
 def _allowed(view: str, g: Geometry, blkno: int, count: int) -> bool:
-    """The grants as documented, written out independently of nexfs/grants.py."""
+    """The grants as documented, written out independently of nexfs/store/grants.py."""
     blocks = set(range(blkno, blkno + count))
     journal = set(range(g.journal_start, g.journal_start + g.journal_len))
     data = set(range(g.data_start, g.backup_sb))
@@ -187,8 +187,8 @@ def _tool_stores(monkeypatch: pytest.MonkeyPatch) -> list[dict[tuple[str, str], 
 def test_read_only_tools_hold_read_only_grants(tmp_path: Path, tool: str,
                                                monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from nexfs.fsck import main as fsck_main
-    from nexfs.info import main as info_main
+    from nexfs.tools.fsck import main as fsck_main
+    from nexfs.tools.info import main as info_main
 
     img = make_image(tmp_path / "tool.img", 32 << 20)
     before = img.read_bytes()
@@ -330,7 +330,7 @@ def test_superblock_writer_misdirected_is_refused(tmp_path: Path,
     with _live(tmp_path, caplog) as (fs, whole, v):
         fs.mkdir(ROOT_INO, b"new", 0o755, ROOT)
         fs.commit()
-        monkeypatch.setattr(nexfs.volume, "SB_PRIMARY", STATE_BLOCK)
+        monkeypatch.setattr(nexfs.store.volume, "SB_PRIMARY", STATE_BLOCK)
         denials = v.stats.denials
         with pytest.raises(FsError) as ei:
             fs.store.checkpoint()

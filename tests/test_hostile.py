@@ -36,10 +36,10 @@ from typing import Any
 import pytest
 from mutate import Base, Image, Mutation, mutations, populated_images, random_garbage
 
-from nexfs.attr import Ctx
-from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.fsck import main as fsck_main
-from nexfs.metastore import BLOCK_SIZE
+from nexfs.core.attr import Ctx
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.tools.fsck import main as fsck_main
 from nexfs.types import CorruptionError, FsError
 
 LONG = os.environ.get("NEXFS_LONG") == "1"

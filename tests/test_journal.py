@@ -10,9 +10,10 @@ from crashsim import RecordingDevice
 from memdev import MemDevice
 from storekit import PayloadBlock, new_volume, read_payload
 
-from nexfs import checksum
-from nexfs.blockdev import BlockDev
-from nexfs.journal import (
+from nexfs.ondisk import checksum
+from nexfs.ondisk.metablock import BLOCK_SIZE, MAGIC_JDESC
+from nexfs.store.blockdev import BlockDev
+from nexfs.store.journal import (
     DESC_ENTRIES,
     JHEADER,
     Journal,
@@ -21,8 +22,7 @@ from nexfs.journal import (
     scan,
     txn_blocks,
 )
-from nexfs.metastore import BLOCK_SIZE, MAGIC_JDESC
-from nexfs.store import Store
+from nexfs.store.store import Store
 from nexfs.types import BlockNo, CorruptionError, InodeNo
 
 SEED = checksum.uuid_seed(b"j" * 16)

@@ -16,15 +16,15 @@ import pytest
 from fsutil import ROOT
 from memdev import MemDevice
 
-from nexfs.blockdev import BlockDev
-from nexfs.checker import Scan, scan
-from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.layout import STATE_DIRTY
-from nexfs.metastore import BLOCK_SIZE, HEADER, seal_block
-from nexfs.repair import Repairer
-from nexfs.store import Store
+from nexfs.check.checker import Scan, scan
+from nexfs.check.repair import Repairer
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk.layout import STATE_DIRTY
+from nexfs.ondisk.metablock import BLOCK_SIZE, HEADER, seal_block
+from nexfs.store.blockdev import BlockDev
+from nexfs.store.store import Store
+from nexfs.store.volume import write_superblock
 from nexfs.types import CorruptionError
-from nexfs.volume import write_superblock
 
 
 def _fresh() -> MemDevice:

@@ -24,7 +24,7 @@ PACKAGES = ("nexfs", "valve")
 # (module path, private name) -> why it is still allowed.  Shrink it; never grow it without a
 # reason a reviewer would accept.
 ALLOWED: dict[tuple[str, str], str] = {
-    # Empty: checker.py and repair.py went onto nexfs/objects.py and public methods.
+    # Empty: checker.py and repair.py went onto nexfs/core/objects.py and public methods.
 }
 
 # Names the standard library documents as public despite the underscore.
@@ -115,3 +115,72 @@ def test_the_check_sees_both_kinds_of_reach(tmp_path: Path) -> None:
         "    fs._theirs\n"
     )
     assert offences(sample, "sample.py") == {("sample.py", "_hidden"), ("sample.py", "_theirs")}
+
+
+# The layers of nexfs/, lowest first (docs/DESIGN.md, "Layers and who may touch what").  A
+# module may import from its own subpackage and from lower layers, never from a higher one or
+# a sibling of the same rank: lower layers never call back up.  ``nexfs.types`` (units and
+# error classes) is below everything.
+LAYERS: dict[str, int] = {
+    "ondisk": 0,  # record codecs and on-disk trees over the MetaStore protocol
+    "store": 1,  # block store: cache, transactions, journal, allocators, data path, failure
+    "core": 2,  # the filesystem: object layer, inode cache, POSIX rules
+    "fuse": 3,  # the pyfuse3 adapter and its loop
+    "check": 3,  # fsck's passes and repairs (over the object layer)
+    "tools": 4,  # the command-line tools
+}
+
+
+def _layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "nexfs" or len(parts) < 3 or parts[1] == "types":
+        return None  # nexfs itself, nexfs.types (below every layer), or not ours
+    return parts[1]
+
+
+def layer_offences(path: Path, package: str, rel: str | None = None) -> set[tuple[str, str]]:
+    """(module path, imported module) for every import of a higher or sibling layer."""
+    rel = rel or path.relative_to(ROOT).as_posix()
+    found: set[tuple[str, str]] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.level:
+                found.add((rel, f"relative import {'.' * node.level}{node.module}"))
+                continue
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            target = _layer_of(name)
+            if target is None or target == package:
+                continue
+            if target not in LAYERS or LAYERS[target] >= LAYERS[package]:
+                found.add((rel, name))
+    return found
+
+
+def test_every_module_lives_in_a_layer() -> None:
+    top = sorted(p.name for p in (ROOT / "nexfs").glob("*.py"))
+    assert top == ["__init__.py", "types.py"], f"modules outside a layer's subpackage: {top}"
+    assert sorted(p.name for p in (ROOT / "nexfs").iterdir()
+                  if p.is_dir() and (p / "__init__.py").exists()) == sorted(LAYERS)
+
+
+def test_no_layer_imports_a_higher_one() -> None:
+    found: set[tuple[str, str]] = set()
+    for package in LAYERS:
+        for path in sorted((ROOT / "nexfs" / package).rglob("*.py")):
+            found |= layer_offences(path, package)
+    assert not found, f"imports against the layering (move the code or invert the call): " \
+                      f"{sorted(found)}"
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("from nexfs.store.store import Store\nfrom nexfs.types import FsError\n"
+                      "from nexfs.ondisk import checksum\nfrom nexfs.check import repair\n")
+    assert layer_offences(sample, "ondisk", "s.py") == {
+        ("s.py", "nexfs.store.store"), ("s.py", "nexfs.store.store.Store"),
+        ("s.py", "nexfs.check.repair")}
+    assert layer_offences(sample, "tools", "s.py") == set()

@@ -8,9 +8,8 @@ import pytest
 from memdev import MemDevice
 from storekit import new_volume
 
-from nexfs import checksum
-from nexfs.blockdev import BlockDev
-from nexfs.layout import (
+from nexfs.ondisk import checksum
+from nexfs.ondisk.layout import (
     FORMAT_VERSION,
     JOURNAL_MAX,
     STATE_BLOCK,
@@ -21,9 +20,10 @@ from nexfs.layout import (
     Superblock,
     check_label,
 )
-from nexfs.metastore import BLOCK_SIZE
+from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.store.blockdev import BlockDev
+from nexfs.store.volume import read_superblock, write_superblock
 from nexfs.types import CorruptionError, FsError
-from nexfs.volume import read_superblock, write_superblock
 
 UUID = bytes(range(16))
 SEED = checksum.uuid_seed(UUID)
@@ -146,7 +146,7 @@ def test_state_block_round_trip_and_corruption() -> None:
     with pytest.raises(CorruptionError, match="zeros"):
         StateBlock.decode(bytes(BLOCK_SIZE), SEED, geo)
     # A block sealed for another place (misdirected write) fails too.
-    from nexfs.metastore import seal_block
+    from nexfs.ondisk.metablock import seal_block
     moved = memoryview(bytearray(out))
     seal_block(moved, SEED, STATE_BLOCK + 1)
     with pytest.raises(CorruptionError):
@@ -215,7 +215,7 @@ def test_write_superblock_bumps_generation_and_updates_both() -> None:
 
 
 def test_format_reports_progress() -> None:
-    from nexfs.store import Store
+    from nexfs.store.store import Store
     notes: list[str] = []
     Store.format(MemDevice.of_size(8 << 20), label="p", progress=notes.append)
     assert notes[-1] == "writing superblocks" and "metadata" in notes[0]

@@ -20,10 +20,10 @@ from fsutil import ROOT, mounted
 from imagekit import file_hash, fsck, tool
 from valve_fixtures import loop_device
 
-from nexfs import mkfs
-from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.layout import Superblock
-from nexfs.metastore import BLOCK_SIZE
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk.layout import Superblock
+from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.tools import mkfs
 from valve import Rights, Valve
 
 MiB = 1 << 20

@@ -173,7 +173,7 @@ def test_dont_mask_request_changes_nothing_when_it_cannot_be_made(
     the mount goes on with the kernel applying the umask."""
     import logging
 
-    from nexfs import fusecaps
+    from nexfs.fuse import caps as fusecaps
 
     with caplog.at_level(logging.WARNING):
         assert fusecaps.request_dont_mask() is False

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from mountutil import Mount, Mounter, mounted_fixture, mounter_fixture  # noqa: F401
 
-from nexfs.invalidate import WAIT_S
+from nexfs.fuse.invalidate import WAIT_S
 
 pytestmark = pytest.mark.mount
 

@@ -219,7 +219,7 @@ def fuse_helper() -> Iterator[Path]:
         helper.symlink_to(script)
     else:
         env = child_env()["PYTHONPATH"]
-        helper.write_text(f'#!/bin/sh\nPYTHONPATH="{env}" exec {PYTHON} -m nexfs.cli "$@"\n')
+        helper.write_text(f'#!/bin/sh\nPYTHONPATH="{env}" exec {PYTHON} -m nexfs.tools.cli "$@"\n')
         helper.chmod(0o755)
     try:
         yield helper

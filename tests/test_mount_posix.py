@@ -382,7 +382,7 @@ def test_relatime_day_rule_and_persistence(mounter: Mounter) -> None:
     from fsutil import mounted as fs_mounted
     from fsutil import resolve
 
-    from nexfs.attr import ROOT_CTX, SetAttr
+    from nexfs.core.attr import ROOT_CTX, SetAttr
 
     with fs_mounted(m.image) as fs:
         ino = resolve(fs, "/old")

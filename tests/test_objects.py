@@ -1,4 +1,4 @@
-"""The object layer (nexfs/objects.py) through its public API only: directory handles write
+"""The object layer (nexfs/core/objects.py) through its public API only: directory handles write
 their root back, inodes allocated and freed through it leave a volume fsck finds clean, and
 a file's data handle never outlives the decoded inode it is over.
 
@@ -11,9 +11,9 @@ import stat
 
 from fsutil import ROOT
 
-from nexfs.fs import FileSystem
-from nexfs.inode import DIR_ROOT
-from nexfs.objects import ROOT_INO
+from nexfs.core.fs import FileSystem
+from nexfs.core.objects import ROOT_INO
+from nexfs.ondisk.inode_record import DIR_ROOT
 
 
 def _commit(fs: FileSystem) -> None:

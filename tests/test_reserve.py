@@ -17,13 +17,13 @@ import pytest
 from fsutil import ROOT, fsck_clean, make_image, mounted
 from storekit import new_volume
 
-from nexfs.attr import SetAttr
-from nexfs.dirindex import DirIndex
-from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.itable import locate
-from nexfs.layout import INODE_SIZE
-from nexfs.metastore import BLOCK_SIZE
-from nexfs.store import ReservationError, Store
+from nexfs.core.attr import SetAttr
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk.dirindex import DirIndex
+from nexfs.ondisk.inode_table import locate
+from nexfs.ondisk.layout import INODE_SIZE
+from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.store.store import ReservationError, Store
 from nexfs.types import FsError, InodeNo
 
 
@@ -183,7 +183,7 @@ def _fsck(image: Path, *args: str) -> tuple[int, str]:
     import contextlib
     import io
 
-    from nexfs.fsck import main as fsck_main
+    from nexfs.tools.fsck import main as fsck_main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):

@@ -32,14 +32,14 @@ from memdev import MemDevice
 from mountutil import Mounter, mounter_fixture  # noqa: F401  (the fixture)
 from scalekit import groups_of, placed_file
 
-import nexfs.store
-from nexfs.attr import SetAttr
-from nexfs.bitmap import BPB, COUNT_MASK, FULL, MAX_EXAMINE, UNINIT, Bitmap, find_run
-from nexfs.checker import scan
-from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.metastore import BLOCK_SIZE
-from nexfs.repair import Repairer, fix_counts
-from nexfs.store import Store
+import nexfs.store.store
+from nexfs.check.checker import scan
+from nexfs.check.repair import Repairer, fix_counts
+from nexfs.core.attr import SetAttr
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk.bitmap import BPB, COUNT_MASK, FULL, MAX_EXAMINE, UNINIT, Bitmap, find_run
+from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.store.store import Store
 from nexfs.types import BlockNo, FsError, InodeNo
 from valve import Rights, Valve
 
@@ -53,7 +53,7 @@ needs several transactions to be freed."""
 def small_journal(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     """Every store opened in the test accepts at most SMALL_LIMIT blocks per transaction,
     as a journal of ~40 blocks would."""
-    monkeypatch.setattr(nexfs.store, "max_images", lambda _journal_len: SMALL_LIMIT)
+    monkeypatch.setattr(nexfs.store.store, "max_images", lambda _journal_len: SMALL_LIMIT)
     yield SMALL_LIMIT
 
 
@@ -248,7 +248,7 @@ def test_fsck_repair_finishes_a_huge_pending_delete(small_journal: int, tmp_path
     code, out = fsck_clean(image)
     assert code == 4, out  # the count is wrong; the pending delete itself is no problem
     assert "orphan" not in out, out
-    from nexfs.fsck import main as fsck_main
+    from nexfs.tools.fsck import main as fsck_main
 
     assert fsck_main(["-y", str(image)]) == 1
     code, out = fsck_clean(image)
@@ -296,7 +296,7 @@ def test_random_operations_on_files_over_many_groups(seed: int, monkeypatch: pyt
     transactions limited to 128 blocks (a 256-block journal holds 253): whatever an
     operation's size, the volume must never go read-only, and fsck must stay clean."""
     limit = 128
-    monkeypatch.setattr(nexfs.store, "max_images", lambda _journal_len: limit)
+    monkeypatch.setattr(nexfs.store.store, "max_images", lambda _journal_len: limit)
     monkeypatch.setattr(Store, "should_commit", lambda self: self.txn_blocks >= limit // 4)
     rng = random.Random(seed)
     dev = _fresh(64 << 30)  # 516 groups
@@ -408,7 +408,7 @@ def test_allocation_cost_does_not_grow_with_the_volume() -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 1000])
 def test_max_index_finds_what_a_scan_finds(n: int) -> None:
-    from nexfs.bitmap import MaxIndex
+    from nexfs.ondisk.bitmap import MaxIndex
 
     rng = random.Random(n)
     values = [rng.randrange(0, 50) for _ in range(n)]

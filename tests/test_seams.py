@@ -2,7 +2,7 @@
 tests ask of it.
 
 The product (nexfs/, mount.py, valve/, native/) reads no ``NEXFS_TEST_*`` variable and imports
-nothing from tests/: the tests reach the mount through its seams (``nexfs.mount.Seams``, used
+nothing from tests/: the tests reach the mount through its seams (``nexfs.tools.mount.Seams``, used
 by tests/faultmount.py).  The in-process checks of :class:`faultdev.FaultDevice` cover what
 the real-mount tests rely on (specifications, arming by a file, sticky faults of either
 direction) in milliseconds; tests/test_mount_faults.py sees the same through the kernel.
@@ -36,7 +36,7 @@ def product_files() -> list[Path]:
 
 def test_product_reads_no_test_variables_and_imports_no_test_code() -> None:
     files = product_files()
-    assert len(files) > 20 and REPO / "nexfs" / "mount.py" in files
+    assert len(files) > 20 and REPO / "nexfs" / "tools" / "mount.py" in files
     assert not (REPO / "nexfs" / "devfault.py").exists()
     found = []
     for path in files:

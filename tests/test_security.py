@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from nexfs.blockdev import BlockDev
-from nexfs.fs import FileSystem
+from nexfs.core.fs import FileSystem
+from nexfs.store.blockdev import BlockDev
 from valve import Capability, CapabilityError, Rights, Valve
 
 RW = Rights.READ | Rights.WRITE
@@ -213,7 +213,7 @@ def test_filesystem_exposes_no_capability(tmp_path: Path) -> None:
 
 
 def test_fuse_adapter_exposes_no_capability(tmp_path: Path) -> None:
-    from nexfs.fuse_adapter import FuseAdapter as adapter_cls
+    from nexfs.fuse.adapter import FuseAdapter as adapter_cls
     img = tmp_path / "fuse.img"
     with open(img, "wb") as f:
         f.truncate(32 << 20)
@@ -228,7 +228,7 @@ def test_fuse_adapter_exposes_no_capability(tmp_path: Path) -> None:
 
 
 def test_mkfs_creates_images_0600(tmp_path: Path) -> None:
-    from nexfs.mkfs import main as mkfs_main
+    from nexfs.tools.mkfs import main as mkfs_main
 
     target = tmp_path / "new.img"
     old = os.umask(0)  # even with the most permissive umask

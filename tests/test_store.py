@@ -14,12 +14,12 @@ from crashsim import RecordingDevice, crash_states
 from memdev import MemDevice
 from storekit import PayloadBlock, new_volume, read_payload
 
-from nexfs.blockdev import BlockDev
-from nexfs.layout import STATE_CLEAN, STATE_DIRTY, STATE_ERROR, NotNexfsError
-from nexfs.metastore import BLOCK_SIZE
-from nexfs.store import Store
+from nexfs.ondisk.layout import STATE_CLEAN, STATE_DIRTY, STATE_ERROR, NotNexfsError
+from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.store.blockdev import BlockDev
+from nexfs.store.store import Store
+from nexfs.store.volume import read_superblock, write_superblock
 from nexfs.types import BlockNo, CorruptionError, FsError, InodeNo
-from nexfs.volume import read_superblock, write_superblock
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +461,7 @@ def test_small_helpers_for_the_filesystem(tmp_path: Path) -> None:
     again = Store.open(dev)
     assert read_payload(again, b) == 1 and again.state.next_generation == 3
     again.close()
-    from nexfs.layout import probe_superblock
+    from nexfs.ondisk.layout import probe_superblock
     img = tmp_path / "img"
     img.write_bytes(dev.image_bytes())
     desc = probe_superblock(str(img))

@@ -218,7 +218,7 @@ def test_valve_cannot_be_built_or_pickled(valve: Valve) -> None:
 def test_out_of_range(
     valve: Valve, cap: Capability, from_end: bool, offset: int, count: int
 ) -> None:
-    ss, total = cap.block_info()
+    ss, total = cap.block_info()[:2]
     lba = total + offset if from_end else offset
     with pytest.raises(RangeError) as info:
         cap.block_read(lba, count)

@@ -1,5 +1,5 @@
 """Device faults in the write-behind path while reads of the same and neighbouring ranges go
-on (nexfs/writebehind.py, the data path in nexfs/store.py).
+on (nexfs/store/writebehind.py, the data path in nexfs/store/store.py).
 
 The rule checked: a read returns, for every byte, the data last written there, or fails
 with EIO; never anything else — in particular never what a block held before it was
@@ -28,12 +28,12 @@ from fsview import ROOT
 from memdev import MemDevice
 from wbgate import WorkerGate
 
-import nexfs.writebehind as writebehind_module
-from nexfs.attr import SetAttr
-from nexfs.checker import scan
-from nexfs.datacache import SMALL_MAX
-from nexfs.fs import ROOT_INO, FileSystem
-from nexfs.metastore import BLOCK_SIZE
+import nexfs.store.writebehind as writebehind_module
+from nexfs.check.checker import scan
+from nexfs.core.attr import SetAttr
+from nexfs.core.fs import ROOT_INO, FileSystem
+from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.store.datacache import SMALL_MAX
 from nexfs.types import FsError
 from valve import Rights, Valve
 

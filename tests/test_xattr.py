@@ -1,4 +1,4 @@
-"""Unit tests of the extended attributes (nexfs.xattr) on the in-memory FakeStore."""
+"""Unit tests of the extended attributes (nexfs.ondisk.xattr_tree) on the in-memory FakeStore."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from nexfs.btree import MAX_VALUE
+from nexfs.ondisk.btree import MAX_VALUE
+from nexfs.ondisk.xattr_tree import MAX_SIZE, XATTR_CREATE, XATTR_REPLACE, XattrStore, n_chunks
 from nexfs.types import CorruptionError, FsError
-from nexfs.xattr import MAX_SIZE, XATTR_CREATE, XATTR_REPLACE, XattrStore, n_chunks
 
 OWNER = 11
 

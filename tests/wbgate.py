@@ -38,8 +38,8 @@ from typing import Any
 
 from memdev import split_sectors
 
-import nexfs.writebehind as writebehind_module
-from nexfs.writebehind import WriteBehind
+import nexfs.store.writebehind as writebehind_module
+from nexfs.store.writebehind import WriteBehind
 from valve import DeviceError
 
 _WB_FILE = os.path.normcase(writebehind_module.__file__)

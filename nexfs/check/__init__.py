@@ -1,0 +1,1 @@
+"""fsck's library: the checking passes and the repairs."""

@@ -1,0 +1,1 @@
+"""The filesystem core: POSIX rules over the object layer."""

@@ -1,0 +1,1 @@
+"""The on-disk format: the layout, the record codecs and the on-disk trees."""

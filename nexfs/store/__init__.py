@@ -1,0 +1,1 @@
+"""The block store: cache, transactions, journal policy, allocators and the data path."""
