@@ -26,7 +26,7 @@ from nexfs.ondisk.bitmap import BitmapBlock, SummaryBlock
 from nexfs.ondisk.btree import KIND_DIR, KIND_EXTENTS, KIND_XATTR, Node, decode_node
 from nexfs.ondisk.extents import AREA_HEADER, EXTENT, MODE_TREE
 from nexfs.ondisk.inode_record import Inode
-from nexfs.ondisk.inode_table import locate
+from nexfs.ondisk.inode_table_block import locate
 from nexfs.ondisk.layout import INODE_SIZE, STATE_BLOCK, SUMMARY_ENTRIES, Geometry, StateBlock
 from nexfs.ondisk.metablock import BLOCK_SIZE, MAGIC_BITMAP, MAGIC_SUMMARY, MetaBlock
 from nexfs.store.store import Store

@@ -272,7 +272,7 @@ def test_inode_alloc_free_reuse(store: Store) -> None:
     with pytest.raises(FsError):
         store.inode_allocated(InodeNo(0))
     with pytest.raises(FsError):
-        store.read_inode_raw(InodeNo(ninodes + 1))
+        store.itable.read_raw(InodeNo(ninodes + 1))
     with pytest.raises(CorruptionError):
         store.free_inode(InodeNo(30))  # double free / never allocated
     assert store.error is not None and store.read_only
@@ -302,15 +302,15 @@ def test_unused_inode_table_blocks_are_never_read() -> None:
     # Garbage in the (never written) inode table, and reads of it fail.
     dev.fail_reads = set(range(g.itable_start * 4096 // ss,
                                (g.itable_start + g.itable_len) * 4096 // ss))
-    assert store.read_inode_raw(InodeNo(40)) == bytes(256)
+    assert store.itable.read_raw(InodeNo(40)) == bytes(256)
     ino = store.alloc_inode(InodeNo(40))
-    store.write_inode_raw(ino, b"\x5a" * 256)
+    store.itable.write_raw(ino, b"\x5a" * 256)
     store.commit()
     store.close()
     dev.fail_reads = set()
     store = Store.open(dev)
-    assert store.read_inode_raw(ino) == b"\x5a" * 256
-    assert store.read_inode_raw(InodeNo(ino + 1)) == bytes(256)  # slot zeroed by the table
+    assert store.itable.read_raw(ino) == b"\x5a" * 256
+    assert store.itable.read_raw(InodeNo(ino + 1)) == bytes(256)  # slot zeroed by the table
     store.close()
 
 
@@ -322,6 +322,6 @@ def test_huge_volume_format_is_cheap() -> None:
     start, n = store.alloc_data(None, 1000)
     assert n == 1000 and start == store.geo.data_start
     ino = store.alloc_inode()
-    store.write_inode_raw(ino, b"\1" * 256)
+    store.itable.write_raw(ino, b"\1" * 256)
     store.close()
     assert dev.bytes_written < 4 << 20

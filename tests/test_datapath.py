@@ -67,7 +67,7 @@ def test_flushed_cache_data_still_needs_a_barrier() -> None:
     store = Store.open(dev)
     start, _ = store.alloc_data(None, 1)
     store.commit()
-    store.write_data(start, 1, _block(7))  # cached
+    store.data.write(start, 1, _block(7))  # cached
     store.checkpoint()  # a barrier while the block is still only in the cache
     writes, barriers = dev.writes, dev.barriers
     store.commit(durable=False)  # nothing to commit: only the cached block is written

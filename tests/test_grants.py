@@ -159,12 +159,12 @@ def test_read_only_store_refuses_even_past_its_own_check(tmp_path: Path,
     """Read-only opens hold READ only: with the store's EROFS check gone (a bug), the
     valve still refuses the data write, and the volume is untouched."""
     with _valve_store(tmp_path, read_only=True) as (store, whole, v):
-        monkeypatch.setattr(store, "_check_writable", lambda: None)
+        monkeypatch.setattr(store.data, "_check_writable", lambda: None)
         target = store.geo.data_start + 5
         before = bytes(whole.read_blocks(target, 1))
         denials = v.stats.denials
         with pytest.raises(FsError) as ei:
-            store.write_data(BlockNo(target), 32, bytes(32 * BLOCK_SIZE))
+            store.data.write(BlockNo(target), 32, bytes(32 * BLOCK_SIZE))
         assert ei.value.errno == errno.EPERM and "lacks Rights.WRITE" in str(ei.value)
         assert v.stats.denials == denials + 1 and v.stats.writes == 0
         assert bytes(whole.read_blocks(target, 1)) == before
@@ -263,10 +263,10 @@ def test_data_path_misdirected_is_refused(tmp_path: Path, caplog: pytest.LogCapt
         if target == "backup superblock":
             blkno = g.backup_sb - count + 1  # the run ends on it
         before = bytes(whole.read_blocks(blkno, count))
-        monkeypatch.setattr(fs.store, "_check_data", lambda blkno, count: None)
+        monkeypatch.setattr(fs.store.data, "_check_range", lambda blkno, count: None)
         denials = v.stats.denials
         with pytest.raises(FsError) as ei:
-            fs.store.write_data(BlockNo(blkno), count, bytes([0xEE]) * (count * BLOCK_SIZE))
+            fs.store.data.write(BlockNo(blkno), count, bytes([0xEE]) * (count * BLOCK_SIZE))
             fs.commit()  # a cached write reaches the device here
         assert ei.value.errno == errno.EPERM
         after = bytes(whole.read_blocks(blkno, count))

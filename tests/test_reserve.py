@@ -20,7 +20,7 @@ from storekit import new_volume
 from nexfs.core.attr import SetAttr
 from nexfs.core.fs import ROOT_INO, FileSystem
 from nexfs.ondisk.dirindex import DirIndex
-from nexfs.ondisk.inode_table import locate
+from nexfs.ondisk.inode_table_block import locate
 from nexfs.ondisk.layout import INODE_SIZE
 from nexfs.ondisk.metablock import BLOCK_SIZE
 from nexfs.store.store import ReservationError, Store
@@ -155,17 +155,17 @@ def test_freed_inode_slot_is_zeroed(tmp_path: Path) -> None:
         fs.setxattr(ino, b"user.a", b"v", 0, ROOT)
         fs.commit()
         old_generation = fs.getattr(ino).generation
-        assert fs.store.read_inode_raw(InodeNo(ino)) != bytes(INODE_SIZE)
+        assert fs.store.itable.read_raw(InodeNo(ino)) != bytes(INODE_SIZE)
         fs.unlink(ROOT_INO, b"gone", ROOT)
         # Zeroed in the freeing transaction, not only on disk later.
-        assert fs.store.read_inode_raw(InodeNo(ino)) == bytes(INODE_SIZE)
+        assert fs.store.itable.read_raw(InodeNo(ino)) == bytes(INODE_SIZE)
         # An orphan (unlinked while open) is zeroed at its last reference.
         orphan = fs.create(ROOT_INO, b"open", 0o644, ROOT).ino
         fs.ref(orphan)
         fs.unlink(ROOT_INO, b"open", ROOT)
-        assert fs.store.read_inode_raw(InodeNo(orphan)) != bytes(INODE_SIZE)
+        assert fs.store.itable.read_raw(InodeNo(orphan)) != bytes(INODE_SIZE)
         fs.unref(orphan)
-        assert fs.store.read_inode_raw(InodeNo(orphan)) == bytes(INODE_SIZE)
+        assert fs.store.itable.read_raw(InodeNo(orphan)) == bytes(INODE_SIZE)
     assert _slot_on_disk(image, orphan) == bytes(INODE_SIZE)
     with mounted(image) as fs:
         with pytest.raises(FsError) as ei:
@@ -203,7 +203,7 @@ def test_stale_slot_of_an_old_image_never_comes_back(tmp_path: Path) -> None:
         new = fs.create(ROOT_INO, b"new", 0o644, ROOT).ino
         fs.write(stale, 0, b"o" * 8 * BLOCK_SIZE, ROOT)
         fs.commit()
-        record = fs.store.read_inode_raw(InodeNo(stale))
+        record = fs.store.itable.read_raw(InodeNo(stale))
         old_runs = list(fs._data(fs.inodes.get(stale)).emap.extents())
         fs.unlink(ROOT_INO, b"old", ROOT)
     with mounted(image) as fs:

@@ -41,7 +41,7 @@ def test_open_close_reopen(sector_size: int) -> None:
             store.put_new(PayloadBlock(b, i * 3))
             blocks.append(b)
         ino = store.alloc_inode()
-        store.write_inode_raw(ino, bytes(range(256)))
+        store.itable.write_raw(ino, bytes(range(256)))
     store.state.orphan_head = ino
     store.dirty(store.state)
     before = store.statfs()
@@ -51,7 +51,7 @@ def test_open_close_reopen(sector_size: int) -> None:
     store = Store.open(dev)
     assert store.sb.mount_count == 2
     assert [read_payload(store, b) for b in blocks] == [i * 3 for i in range(20)]
-    assert store.read_inode_raw(ino) == bytes(range(256))
+    assert store.itable.read_raw(ino) == bytes(range(256))
     assert store.inode_allocated(ino) and store.state.orphan_head == ino
     assert store.statfs() == before
     assert store.verify_allocators() == []
@@ -90,12 +90,12 @@ def test_commit_bookkeeping_and_barriers() -> None:
     # Data-only change: fsync must still barrier.
     start, _ = store.alloc_data(None, 1)
     store.commit()
-    store.write_data(start, 1, bytes([7]) * BLOCK_SIZE)
+    store.data.write(start, 1, bytes([7]) * BLOCK_SIZE)
     assert store.needs_barrier
     writes = dev.writes
     store.sync()  # the data block (held by the data cache until now), then the barrier
     assert dev.writes == writes + 2 and not store.needs_barrier
-    assert bytes(store.read_data(start, 1)) == bytes([7]) * BLOCK_SIZE
+    assert bytes(store.data.read(start, 1)) == bytes([7]) * BLOCK_SIZE
     store.close()
 
 
@@ -105,7 +105,7 @@ def test_ordered_data_barrier_before_commit_block() -> None:
     store = Store.open(rec)
     start, _ = store.alloc_data(None, 2)
     rec.log.clear()
-    store.write_data(start, 2, [bytes(BLOCK_SIZE), bytes([1]) * BLOCK_SIZE])  # vectored
+    store.data.write(start, 2, [bytes(BLOCK_SIZE), bytes([1]) * BLOCK_SIZE])  # vectored
     store.commit(durable=False)
     ops = [e.op for e in rec.log]
     assert ops == ["write", "write", "barrier", "write"]  # data, D+I (durable), commit
@@ -222,7 +222,7 @@ def test_bad_block_numbers_are_refused() -> None:
         with pytest.raises(CorruptionError, match="outside"):
             store.get(BlockNo(bad), decoder(store))
     with pytest.raises(CorruptionError, match="data area"):
-        store.read_data(BlockNo(store.geo.data_start - 1), 1)
+        store.data.read(BlockNo(store.geo.data_start - 1), 1)
 
 
 def test_features_and_foreign_devices() -> None:
@@ -288,7 +288,7 @@ def _run_workload(store: Store, rec: RecordingDevice, rng: random.Random,
                     dblk: int = 0
                     if rng.random() < 0.3:
                         dblk, _ = store.alloc_data(None, 1)
-                        store.write_data(BlockNo(dblk), 1, bytes([counter % 251 + 1]) * BLOCK_SIZE)
+                        store.data.write(BlockNo(dblk), 1, bytes([counter % 251 + 1]) * BLOCK_SIZE)
                         data[dblk] = counter % 251 + 1
                     store.put_new(PayloadBlock(BlockNo(b), counter, dblk))
                     meta[b] = (counter, dblk)
@@ -307,7 +307,7 @@ def _run_workload(store: Store, rec: RecordingDevice, rng: random.Random,
                     del data[dblk]
             elif op < 0.96 or not inodes:
                 ino: int = store.alloc_inode()
-                store.write_inode_raw(InodeNo(ino), bytes([counter % 256]) * 256)
+                store.itable.write_raw(InodeNo(ino), bytes([counter % 256]) * 256)
                 inodes.add(ino)
             else:
                 ino = rng.choice(sorted(inodes))
@@ -339,7 +339,7 @@ def _matches(store: Store, s: Snapshot, every_block: set[int], every_ino: set[in
         blk = store.get(BlockNo(b), PayloadBlock.decoder(store.volume_seed))
         if (blk.value, blk.tag) != (value, dblk):
             return f"block {b} holds {blk.value}"
-        if dblk and bytes(store.read_data(BlockNo(dblk), 1)[:1]) != bytes([s.data[dblk]]):
+        if dblk and bytes(store.data.read(BlockNo(dblk), 1)[:1]) != bytes([s.data[dblk]]):
             return f"data block {dblk} (ordered data) not written"
     return ""
 
@@ -413,9 +413,9 @@ def test_store_on_valve_image(tmp_path: Path, sector_size: int | None) -> None:
             start, n = store.alloc_data(None, 4)
             data = store.bdev.alloc(4)
             data[:] = bytes([9]) * (4 * BLOCK_SIZE)
-            store.write_data(start, n, data)
+            store.data.write(start, n, data)
             ino = store.alloc_inode()
-            store.write_inode_raw(ino, b"\x11" * 256)
+            store.itable.write_raw(ino, b"\x11" * 256)
         store.commit()
         store.close()
         assert v.stats.bounce_copies == 0  # every write went zero-copy
@@ -423,8 +423,8 @@ def test_store_on_valve_image(tmp_path: Path, sector_size: int | None) -> None:
         store = Store.open(v.grant(rights))
         assert store.sb.label == "valve"
         assert [read_payload(store, b) for b in blocks] == list(range(64))
-        assert bytes(store.read_data(start, 4)) == bytes([9]) * (4 * BLOCK_SIZE)
-        assert store.read_inode_raw(ino) == b"\x11" * 256
+        assert bytes(store.data.read(start, 4)) == bytes([9]) * (4 * BLOCK_SIZE)
+        assert store.itable.read_raw(ino) == b"\x11" * 256
         assert store.verify_allocators() == []
         store.close()
     # A read-only capability opens the volume read-only and writes nothing.
@@ -452,8 +452,8 @@ def test_small_helpers_for_the_filesystem(tmp_path: Path) -> None:
     c = store.change_count()
     assert store.next_generation() == 1 and store.next_generation() == 2
     assert store.change_count() > c
-    assert store.inode_table_block(InodeNo(17)) == store.geo.itable_start + 1
-    assert len(store.alloc_buffer(BLOCK_SIZE)) == BLOCK_SIZE
+    assert store.itable.block_of(InodeNo(17)) == store.geo.itable_start + 1
+    assert len(store.data.alloc_buffer(BLOCK_SIZE)) == BLOCK_SIZE
     b = store.alloc_meta(None, InodeNo(1))
     store.put_new(PayloadBlock(b, 1))
     store.commit()

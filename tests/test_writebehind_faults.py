@@ -91,7 +91,7 @@ def test_writes_queued_behind_a_failed_one_never_read_as_another_files_data() ->
     FileSystem.format(dev)
     gate = WorkerGate(dev)
     fs = FileSystem.open(gate)
-    gate.install(fs.store._wb)
+    gate.install(fs.store.data.write_behind)
     a = fs.create(ROOT_INO, b"a", 0o644, ROOT).ino
     fs.write(a, 0, b"A" * 8 * BIG, ROOT)  # room for B, and for what a write reserves
     a_blocks = {p + i for _l, p, n in _phys(fs, a, 0, 8 * BIG // BLOCK_SIZE) for i in range(n)}
@@ -137,7 +137,7 @@ def test_in_flight_check_is_not_fooled_by_the_worker_finishing_a_write(
 def _three_queued_writes_and_a_read(dev: Any) -> None:
     gate = WorkerGate(dev)
     fs = FileSystem.open(gate)
-    gate.install(fs.store._wb)
+    gate.install(fs.store.data.write_behind)
     f = fs.create(ROOT_INO, b"f", 0o644, ROOT).ino
     g = fs.create(ROOT_INO, b"g", 0o644, ROOT).ino
     ext = (SMALL_MAX + 4) * BLOCK_SIZE
@@ -174,7 +174,7 @@ def test_a_buffer_is_not_handed_out_while_a_write_from_it_is_in_flight() -> None
     FileSystem.format(dev)
     gate = WorkerGate(dev)
     fs = FileSystem.open(gate)
-    gate.install(fs.store._wb)
+    gate.install(fs.store.data.write_behind)
     f = fs.create(ROOT_INO, b"f", 0o644, ROOT).ino
     g = fs.create(ROOT_INO, b"g", 0o644, ROOT).ino
     ext = (SMALL_MAX + 4) * BLOCK_SIZE
@@ -330,7 +330,7 @@ class Explorer:
         self.rng = random.Random(seed)
         self.model = Model()
         self.fs = FileSystem.open(gate, cache_blocks=CACHE_BLOCKS)
-        gate.install(self.fs.store._wb)
+        gate.install(self.fs.store.data.write_behind)
         self.reads = self.eio = 0
 
     def _ino(self, name: bytes) -> int:
@@ -561,7 +561,7 @@ def test_explore_reads_racing_the_worker(kind: str, tmp_path: Path) -> None:
         with _volume(kind, tmp_path, 24 * MiB) as dev:
             gate = WorkerGate(dev)
             fs = FileSystem.open(gate)
-            gate.install(fs.store._wb)
+            gate.install(fs.store.data.write_behind)
             f = fs.create(ROOT_INO, b"f", 0o644, ROOT).ino
             g = fs.create(ROOT_INO, b"g", 0o644, ROOT).ino
             model = bytearray()

@@ -262,7 +262,7 @@ class _Scanner:
         last = min((g + 1) * BPB - 1, self.geo.ninodes)
         for ino in range(first, last + 1):
             try:
-                raw = self.store.bdev.read_blocks(self.store.inode_table_block(InodeNo(ino)), 1)
+                raw = self.store.bdev.read_blocks(self.store.itable.block_of(InodeNo(ino)), 1)
                 slot = (ino - 1) % 16 * 256
                 inode = Inode.decode(InodeNo(ino), raw[slot : slot + 256], self.store.volume_seed)
             except (CorruptionError, OSError):
@@ -274,8 +274,8 @@ class _Scanner:
     def _inode(self, ino: int) -> None:
         store = self.store
         try:
-            inode = Inode.decode(InodeNo(ino), store.read_inode_raw(InodeNo(ino)),
-                                 store.volume_seed, store.inode_table_block(InodeNo(ino)))
+            inode = Inode.decode(InodeNo(ino), store.itable.read_raw(InodeNo(ino)),
+                                 store.volume_seed, store.itable.block_of(InodeNo(ino)))
         except CorruptionError as exc:
             if exc.structure == f"inode {ino}":  # the slot itself (its table block has no
                 # checksum of its own: each slot carries one)

@@ -122,7 +122,7 @@ class Repairer:
         seed = self.store.volume_seed
         for ino in self.found.bad_inodes:
             self.say(f"clearing inode {ino}")
-            self.store.write_inode_raw(InodeNo(ino), free_slot(InodeNo(ino), seed))
+            self.store.itable.write_raw(InodeNo(ino), free_slot(InodeNo(ino), seed))
 
     def damaged_trees(self) -> None:
         fs, objects = self.fs, self.objects

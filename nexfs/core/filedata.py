@@ -51,13 +51,13 @@ class FileData:
         first = offset // BLOCK_SIZE
         last = (end - 1) // BLOCK_SIZE
         nblocks = last - first + 1
-        view = self.store.data_buffer(nblocks * BLOCK_SIZE)
+        view = self.store.data.buffer(nblocks * BLOCK_SIZE)
         for lblk, phys, n in self.emap.map(first, nblocks):
             start = (lblk - first) * BLOCK_SIZE
             if phys == 0:
                 view[start : start + n * BLOCK_SIZE] = bytes(n * BLOCK_SIZE)
             else:
-                self.store.read_data(BlockNo(phys), n, into=view[start : start + n * BLOCK_SIZE])
+                self.store.data.read(BlockNo(phys), n, into=view[start : start + n * BLOCK_SIZE])
         lo = offset - first * BLOCK_SIZE
         return bytes(view[lo : lo + (end - offset)])
 
@@ -85,7 +85,7 @@ class FileData:
         first = offset // BLOCK_SIZE
         last = (end - 1) // BLOCK_SIZE
         nblocks = last - first + 1
-        view = self.store.data_buffer(nblocks * BLOCK_SIZE)
+        view = self.store.data.buffer(nblocks * BLOCK_SIZE)
         lo = offset - first * BLOCK_SIZE
         hi = lo + length
         # Partial first and last blocks keep the bytes around the write; read them before
@@ -107,7 +107,7 @@ class FileData:
                 runs = self._fill_holes(runs)
         for lblk, phys, n in runs:
             start = (lblk - first) * BLOCK_SIZE
-            self.store.write_data(BlockNo(phys), n, view[start : start + n * BLOCK_SIZE])
+            self.store.data.write(BlockNo(phys), n, view[start : start + n * BLOCK_SIZE])
         mapped_end = (runs[-1][0] + runs[-1][2]) * BLOCK_SIZE if runs else 0
         if mapped_end < end:
             # The volume filled up part-way: a short write of what was mapped (POSIX allows
@@ -135,7 +135,7 @@ class FileData:
         if phys == 0:
             into[:] = _ZERO_BLOCK
             return
-        self.store.read_data(BlockNo(phys), 1, into=into)
+        self.store.data.read(BlockNo(phys), 1, into=into)
         tail = size - lblk * BLOCK_SIZE
         if tail < BLOCK_SIZE:
             into[tail:] = bytes(BLOCK_SIZE - tail)
@@ -214,10 +214,10 @@ class FileData:
         if phys == 0:
             return
         # The request's scratch buffer: callers take their own only after this returns.
-        view = self.store.data_buffer(BLOCK_SIZE)
-        self.store.read_data(BlockNo(phys), 1, into=view)
+        view = self.store.data.buffer(BLOCK_SIZE)
+        self.store.data.read(BlockNo(phys), 1, into=view)
         view[size % BLOCK_SIZE :] = bytes(BLOCK_SIZE - size % BLOCK_SIZE)
-        self.store.write_data(BlockNo(phys), 1, view)
+        self.store.data.write(BlockNo(phys), 1, view)
 
     def free_runs(self, runs: list[tuple[int, int]]) -> None:
         for phys, n in runs:

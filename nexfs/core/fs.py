@@ -470,7 +470,7 @@ class FileSystem:
         if not (0 < inode.size <= DATA_AREA_SIZE if inline
                 else DATA_AREA_SIZE < inode.size <= SYMLINK_MAX):
             # Checked before reading: a damaged size must not become a huge allocation.
-            raise CorruptionError(self.store.inode_table_block(InodeNo(inode.ino)),
+            raise CorruptionError(self.store.itable.block_of(InodeNo(inode.ino)),
                                   f"inode {inode.ino}", f"symlink of size {inode.size}")
         if inline:
             return bytes(inode.area[: inode.size])

@@ -55,8 +55,8 @@ class InodeCache:
         if not 1 <= ino <= self.store.geo.ninodes or not self.store.inode_allocated(InodeNo(ino)):
             raise FsError(errno.ENOENT, f"inode {ino} is not allocated")
         inode = Inode.decode(
-            InodeNo(ino), self.store.read_inode_raw(InodeNo(ino)), self.store.volume_seed,
-            self.store.inode_table_block(InodeNo(ino)),
+            InodeNo(ino), self.store.itable.read_raw(InodeNo(ino)), self.store.volume_seed,
+            self.store.itable.block_of(InodeNo(ino)),
         )
         if inode.mode == 0:
             raise FsError(errno.ENOENT, f"inode {ino} is free")
@@ -87,7 +87,7 @@ class InodeCache:
             return
         seed = self.store.volume_seed
         for ino, inode in self._dirty.items():
-            self.store.write_inode_raw(InodeNo(ino), inode.encode(seed))
+            self.store.itable.write_raw(InodeNo(ino), inode.encode(seed))
         self._dirty.clear()
 
     def discard_dirty(self) -> None:

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 from nexfs.types import CorruptionError, FsError
 
@@ -130,3 +131,29 @@ class FailurePolicy:
         err = FsError(exc.errno or errno.EIO, f"{what}: {exc}")
         setattr(err, _DECIDED, True)
         return err
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def boundary(fn: Callable[P, R]) -> Callable[P, R]:
+    """Make a public method of a store part (an object with a ``failures`` attribute: the
+    metadata store, the data path, the inode table) a failure boundary for its direct users
+    (fsck, the tools): whatever it raises is handed to the volume's failure policy, which
+    decides; the part itself only raises.  Device errors (OSError from the valve) leave as
+    FsError with the device's errno."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        failures: FailurePolicy = getattr(args[0], "failures")  # noqa: B009
+        try:
+            return fn(*args, **kwargs)
+        except CorruptionError as e:
+            failures.failed(e)
+            raise
+        except OSError as e:
+            raise failures.device_error(e) from e
+
+    return wrapper
+

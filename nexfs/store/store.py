@@ -1,8 +1,11 @@
-"""The metadata store: block cache, transactions, journal policy, allocators, data path.
+"""The metadata store: block cache, transactions, journal policy, checkpoints, allocators.
 
 This is what the rest of the filesystem core talks to (it implements the
 :class:`~nexfs.ondisk.metablock.MetaStore` protocol and more).  One :class:`Store` per mounted
-volume.
+volume.  Its two other parts are reached through it: ``store.data``, the data path
+(nexfs/store/datapath.py: data cache, write-behind, buffers), and ``store.itable``, the inode
+table (nexfs/store/inode_table.py: raw inode records).  The store drains the data path before
+every commit (ordered data) and owns the allocators both draw on.
 
 Transactions.  Every metadata change joins the single *running transaction* (``dirty`` /
 ``put_new``); :meth:`Store.commit` writes it to the journal as one atomic unit (group commit:
@@ -33,21 +36,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import cast
 
 from nexfs.ondisk import checksum
 from nexfs.ondisk.bitmap import BPB, Bitmap
-from nexfs.ondisk.inode_table import InodeTableBlock, first_inode_of, locate
 from nexfs.ondisk.layout import (
     FEATURE_INCOMPAT_SUPPORTED,
     FEATURE_RO_COMPAT_SUPPORTED,
-    INODE_SIZE,
-    INODES_PER_BLOCK,
     STATE_BLOCK,
     STATE_CLEAN,
     STATE_DIRTY,
@@ -71,13 +70,13 @@ from nexfs.ondisk.metablock import (
 )
 from nexfs.store.blockdev import BlockDev, BlockDevice, Filler, copy_filler, write_runs
 from nexfs.store.datacache import DEFAULT_BLOCKS as DEFAULT_DATA_CACHE_BLOCKS
-from nexfs.store.datacache import DataCache
-from nexfs.store.failure import FailurePolicy
+from nexfs.store.datapath import DataPath
+from nexfs.store.failure import FailurePolicy, boundary
 from nexfs.store.grants import derive
+from nexfs.store.inode_table import InodeTable
 from nexfs.store.journal import Journal, max_images, restart_tid, scan
 from nexfs.store.metacache import BlockCache
 from nexfs.store.volume import Progress, format_volume, read_superblock, write_superblock
-from nexfs.store.writebehind import BUFFER_BYTES, LostWriteError, WriteBehind
 from nexfs.types import BlockNo, CorruptionError, FsError, InodeNo
 
 log = logging.getLogger(__name__)
@@ -85,30 +84,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_BLOCKS = 16384
 """Default cache budget in blocks (64 MiB of decoded metadata)."""
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _guarded(fn: Callable[P, R]) -> Callable[P, R]:
-    """A public store method is a failure boundary for the store's direct users (fsck, the
-    tools): whatever it raises is handed to the volume's failure policy (nexfs/store/failure.py),
-    which decides; the store itself only raises.
-
-    Device errors (OSError from the valve) leave as FsError with the device's errno.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        self = cast("Store", args[0])
-        try:
-            return fn(*args, **kwargs)
-        except CorruptionError as e:
-            self.failures.failed(e)
-            raise
-        except OSError as e:
-            raise self.failures.device_error(e) from e
-
-    return wrapper
+_guarded = boundary  # every guarded public method hands its failures to the policy
 
 
 @dataclass(frozen=True)
@@ -197,11 +173,8 @@ class Store:
         self._ckpt: dict[int, tuple[int, int]] = {}
         # Read-only open of a volume needing replay: the replayed images, never written home.
         self._overlay: dict[int, bytes] = {}
-        # Data written to the device, or handed to the data cache or write-behind to write,
-        # since the last barrier.
-        self._data_unsynced = False
-        self._data = DataCache(grants.data, data_cache_blocks)
-        self._wb = WriteBehind(grants.data)  # also the pool behind data_buffer()
+        self.data = DataPath(grants.data, self.geo, self.failures, self.check_writable,
+                             data_cache_blocks)
         self._changes = 0
         # The running operation's reservation (see reserve()); _op_depth counts nested
         # operation() scopes.
@@ -220,6 +193,7 @@ class Store:
                              summary_magic=MAGIC_ISUMMARY, bitmap_start=g.ibitmap_start,
                              summary_start=g.isummary_start, nitems=g.ninodes + 1, first_item=1)
         self._state: StateBlock | None = None
+        self.itable = InodeTable(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -300,8 +274,7 @@ class Store:
                 self._close_writable()
         finally:
             self._closed = True
-            self._wb.close()
-            self._data.clear()  # flushed by the commit above (or dropped after an error)
+            self.data.close()  # drained by the commit above (or dropped after an error)
 
     @_guarded
     def _close_writable(self) -> None:
@@ -314,8 +287,7 @@ class Store:
         """Drop the store without writing anything (as if power was cut now): the running
         transaction is lost, the journal is replayed at the next open."""
         self._running.clear()
-        self._data.clear()
-        self._wb.close()
+        self.data.close()
         self._closed = True
 
     def __enter__(self) -> Store:
@@ -349,8 +321,7 @@ class Store:
     @property
     def needs_barrier(self) -> bool:
         """True while something written (data or a commit) is not yet known durable."""
-        return (self._data_unsynced or self._data.dirty_count > 0 or self._wb.busy()
-                or self.durable_tid < self.committed_tid)
+        return self.data.pending or self.durable_tid < self.committed_tid
 
     @property
     def txn_blocks(self) -> int:
@@ -391,7 +362,9 @@ class Store:
         worst = b + b // SUMMARY_ENTRIES + 2 + 2 * (b // 45 + 18) + 2
         return not self._running or len(self._running) + worst <= self._free_step_limit()
 
-    def _check_writable(self) -> None:
+    def check_writable(self) -> None:
+        """FsError(EROFS) unless the store may change: not read-only, not in the error
+        state; FsError(EIO) once closed."""
         if self.error is not None:
             raise FsError(errno.EROFS, f"filesystem is read-only after an error: {self.error}")
         if self._opened_read_only:
@@ -407,7 +380,7 @@ class Store:
             return
         was_writable = not self._opened_read_only and not self._closed
         self.error = reason
-        self._data.clear()  # unwritten data of a volume that can take no more writes
+        self.data.drop()  # unwritten data of a volume that can take no more writes
         for blkno in self._running:
             self._cache.remove(blkno)
         dropped_state = STATE_BLOCK in self._running
@@ -434,7 +407,7 @@ class Store:
 
     def clear_error(self) -> None:
         """fsck repaired the volume: clear ERROR in the superblock (written at close)."""
-        self._check_writable()
+        self.check_writable()
         self.sb.state &= ~STATE_ERROR
         self.sb.error_reason = ""
         self.sb.check_time = time.time_ns()
@@ -477,7 +450,7 @@ class Store:
         """fsck -y: rewrite committed metadata block ``blkno`` unchanged through the
         journal, so that its header carries the tid of a transaction of this volume's
         history (see checker: blocks from another timeline)."""
-        self._check_writable()
+        self.check_writable()
         self._check_meta(blkno, "metadata block")
         obj = self._state if blkno == STATE_BLOCK else self._cache.peek(blkno)
         if obj is not None:
@@ -496,6 +469,18 @@ class Store:
         self._cache.insert(new)
         self._cache.evict(self._running)
         return new
+
+    def cached(self, blkno: BlockNo) -> MetaBlock | None:
+        """The decoded block ``blkno`` if it is in the cache (nothing is read)."""
+        return self._cache.lookup(blkno)
+
+    def adopt(self, block: MetaBlock) -> None:
+        """Cache a block built in memory that stands for its committed contents (an inode
+        table block none of whose inodes is in use, which may never have been written); it
+        joins a transaction only when ``dirty``."""
+        self._check_meta(block.blkno, type(block).__name__)
+        self._cache.insert(block)
+        self._cache.evict(self._running)
 
     def read_ahead(self, blknos: Sequence[int],
                    decode: Callable[[BlockNo, memoryview], MetaBlock]) -> None:
@@ -534,14 +519,14 @@ class Store:
 
     def put_new(self, block: MetaBlock) -> None:
         """Add a freshly built block (just allocated, never read from disk), dirty."""
-        self._check_writable()
+        self.check_writable()
         self._check_meta(block.blkno, type(block).__name__)
         self._cache.insert(block)
         self._join(block)
 
     def dirty(self, block: MetaBlock) -> None:
         """The block changed in memory: it is written with the running transaction."""
-        self._check_writable()
+        self.check_writable()
         if block.blkno == STATE_BLOCK:
             if block is not self._state:
                 raise ValueError("dirty(): not the store's state block object")
@@ -565,8 +550,8 @@ class Store:
         block (ordered data).  With nothing to commit, ``durable`` still issues a barrier
         when one is needed (fsync after data-only writes).
         """
-        self._check_writable()
-        self._flush_data()  # ordered data: before the metadata that points at it
+        self.check_writable()
+        self.data.drain()  # ordered data: before the metadata that points at it
         if not self._running:
             if durable and self.needs_barrier:
                 self._barrier()
@@ -578,7 +563,7 @@ class Store:
         txn = self.journal.prepare(homes)
         for i, h in enumerate(homes):
             self._running[h].encode(txn.image(i), self.volume_seed, txn.tid)
-        data_barrier = self._data_unsynced
+        data_barrier = self.data.unsynced
         pos = self.journal.write(txn, durable=durable, data_barrier=data_barrier)
         first_image = pos + txn.ndesc
         for i, h in enumerate(homes):
@@ -588,7 +573,7 @@ class Store:
         elif data_barrier:
             self.durable_tid = self.committed_tid  # everything before this commit
         self.committed_tid = txn.tid
-        self._data_unsynced = False
+        self.data.mark_synced()
         self.blocks.commit_pending()
         self._running.clear()
         self._cache.evict(self._running)
@@ -615,13 +600,13 @@ class Store:
             where = j.start + j.length - 1
             content = bytes(self.bdev.read_blocks(where, 1))
         write_runs(j.bdev, [(where, copy_filler(content))], durable=True)
-        self._data_unsynced = False
+        self.data.mark_synced()
         self.durable_tid = self.committed_tid
 
     @_guarded
     def checkpoint(self) -> None:
         """Write every committed block home and empty the journal (between operations)."""
-        self._check_writable()
+        self.check_writable()
         self._checkpoint()
 
     def _checkpoint(self, *, clean: bool = False, from_journal: bool = False) -> None:
@@ -637,7 +622,7 @@ class Store:
         ``from_journal`` (checkpoint in the middle of an operation, when a cached block may
         already hold changes not yet passed to dirty()).
         """
-        self._wb.wait_all()  # no data write may land on a block after it is reused
+        self.data.wait_all()  # no data write may land on a block after it is reused
         if self._ckpt or self.journal.head:
             if self.durable_tid < self.committed_tid:
                 # A home block may be overwritten only once the journal copy that can
@@ -660,7 +645,7 @@ class Store:
             self.sb.state = STATE_CLEAN
             self._write_sb()
         self.blocks.release_pending()
-        self._data_unsynced = False
+        self.data.mark_synced()
         self.durable_tid = self.committed_tid
 
     def _ckpt_filler(self, home: int, pos: int, tid: int, from_journal: bool) -> Filler:
@@ -763,7 +748,7 @@ class Store:
         layer reserving for its part, e.g. the data write inside symlink) draws from it
         instead of reserving again: the outer reservation must already cover it, else
         :class:`ReservationError` (its worst case was wrong)."""
-        self._check_writable()
+        self.check_writable()
         op = self._op
         if op is not None and op.taken:
             if nblocks > op.blocks or ninodes > op.inodes:
@@ -791,7 +776,7 @@ class Store:
         """Grow the current operation's reservation, mid-operation: unlike :meth:`reserve`
         it never commits (the operation's changes are not all in the store yet), so it only
         sees blocks already free.  FsError(ENOSPC) when they are not there."""
-        self._check_writable()
+        self.check_writable()
         op = self._op
         if op is None or not op.taken:
             raise ReservationError("reserve_more() outside a reservation")
@@ -853,7 +838,7 @@ class Store:
     def alloc_data(self, goal: BlockNo | None, count: int) -> tuple[BlockNo, int]:
         """Allocate a contiguous run of 1..count blocks (at most 32512) at or after ``goal``
         (first fit, wrapping), preferring the whole ``count`` in one run; ``(start, n)``."""
-        self._check_writable()
+        self.check_writable()
         if count < 1:
             raise ValueError("alloc_data: count must be >= 1")
         start, n = self._alloc_run(self._goal(goal, self.state.data_hint), min(count, BPB))
@@ -863,7 +848,7 @@ class Store:
     @_guarded
     def alloc_meta(self, goal: BlockNo | None, owner: InodeNo) -> BlockNo:
         """Allocate one block for metadata near ``goal``; FsError(ENOSPC) when full."""
-        self._check_writable()
+        self.check_writable()
         start, _ = self._alloc_run(self._goal(goal, self.state.meta_hint), 1)
         self.state.meta_hint = start + 1
         return BlockNo(start)
@@ -872,12 +857,12 @@ class Store:
     def free_blocks(self, start: BlockNo, count: int) -> None:
         """Free blocks start..start+count-1.  They become reusable after the freeing
         transaction has been checkpointed (pending frees; see docs/DESIGN.md)."""
-        self._check_writable()
+        self.check_writable()
         g = self.geo
         if count < 1 or start < g.data_start or start + count > g.backup_sb:
             raise CorruptionError(start, "extent", f"freeing {count} block(s) outside the data "
                                                    "area")
-        self._data.discard(start, count)
+        self.data.discard(start, count)
         i, left = int(start), count
         if (i + count - 1) // BPB > i // BPB:  # a run over many groups (a big free's step)
             first = i // BPB
@@ -895,7 +880,7 @@ class Store:
     def free_meta(self, blkno: BlockNo) -> None:
         """Free a metadata block: it leaves the cache and the running transaction, and is
         reusable only after the freeing transaction is checkpointed."""
-        self._check_writable()
+        self.check_writable()
         self._check_meta(blkno, "metadata block")
         self._cache.remove(blkno)
         self._running.pop(blkno, None)
@@ -907,93 +892,44 @@ class Store:
             raise ValueError(f"block {blkno} outside the volume")
         return self.blocks.is_set(blkno)
 
-    # -- inodes ------------------------------------------------------------------------------
-
-    def _check_ino(self, ino: int) -> None:
-        if not 1 <= ino <= self.geo.ninodes:
-            raise FsError(errno.EINVAL, f"inode number {ino} out of range")
-
-    def _table_block(self, ino: int) -> tuple[InodeTableBlock, int]:
-        tblk, slot = locate(self.geo.itable_start, InodeNo(ino))
-        blk = self._cache.lookup(tblk)
-        if blk is None:
-            first = first_inode_of(self.geo.itable_start, tblk)
-            try:
-                in_use = self.inodes.count_set(first, INODES_PER_BLOCK)
-            except CorruptionError:
-                # The inode bitmap cannot vouch for this block (its damage is reported
-                # where it was read): the table block itself is the evidence, never a
-                # stand-in of zeros, which would make every inode in it look corrupt.
-                in_use = INODES_PER_BLOCK
-            if not in_use:
-                # No inode of this block is in use: it may never have been written.
-                blk = InodeTableBlock(tblk)
-                self._cache.insert(blk)
-                self._cache.evict(self._running)
-            else:
-                blk = self.get(tblk, InodeTableBlock.decode)
-        return cast(InodeTableBlock, blk), slot
-
-    @_guarded
-    def read_inode_raw(self, ino: InodeNo) -> bytes:
-        """The 256 raw bytes of inode ``ino`` (verification is the inode codec's job)."""
-        self._check_ino(ino)
-        blk, slot = self._table_block(ino)
-        return bytes(blk.slot(slot))
-
-    @_guarded
-    def write_inode_raw(self, ino: InodeNo, raw: bytes | bytearray | memoryview) -> None:
-        """Store the 256 raw bytes of inode ``ino``; its table block joins the transaction."""
-        self._check_writable()
-        self._check_ino(ino)
-        if len(raw) != INODE_SIZE:
-            raise ValueError(f"inode image must be {INODE_SIZE} bytes")
-        blk, slot = self._table_block(ino)
-        blk.slot(slot)[:] = raw
-        self.dirty(blk)
+    # -- inode allocation --------------------------------------------------------------------
 
     @_guarded
     def alloc_inode(self, goal_hint: InodeNo | None = None) -> InodeNo:
         """Allocate a free inode (first free at or after the hint, wrapping).  Its table slot
         is zeroed and joins the transaction, so the table block is always written once one
         of its inodes is in use."""
-        self._check_writable()
+        self.check_writable()
         self._draw(0, 1)
         goal = goal_hint or self.state.inode_hint or 1
         run = self.inodes.find(goal, 1)
         if run is None or self.state.free_inodes < 1:
             raise FsError(errno.ENOSPC, "no free inodes")
-        ino = run[0]
-        blk, slot = self._table_block(ino)  # before setting the bit: may be all-free
+        ino = InodeNo(run[0])
+        self.itable.clear_slot(ino)  # before setting the bit: its block may be all-free
         self.inodes.set_range(ino, 1)
-        blk.slot(slot)[:] = bytes(INODE_SIZE)
-        self.dirty(blk)
         st = self.state
         st.free_inodes -= 1
         st.inode_hint = ino + 1 if ino < self.geo.ninodes else 1
         self._dirty_state()
         if self._op is not None:
             self._op.inodes -= 1
-        return InodeNo(ino)
+        return ino
 
     @_guarded
     def free_inode(self, ino: InodeNo) -> None:
         """Return inode ``ino`` to the free pool (reusable at once: inode numbers carry no
         on-disk image that could be replayed over a new owner).  Its table slot is zeroed
-        in the same transaction, so no record of a free inode is left for anything (fsck
-        rebuilding a damaged inode bitmap from the table) to take for a live one."""
-        self._check_writable()
-        self._check_ino(ino)
-        blk, slot = self._table_block(ino)  # before clearing the bit: the block is in use
+        in the same transaction (``InodeTable.clear_slot``)."""
+        self.check_writable()
+        self.itable.clear_slot(ino)  # before clearing the bit: the block is in use
         self.inodes.clear_range(ino, 1, defer=False)
-        blk.slot(slot)[:] = bytes(INODE_SIZE)
-        self.dirty(blk)
         self.state.free_inodes += 1
         self._dirty_state()
 
     def next_generation(self) -> int:
         """A fresh inode generation number (journaled in the state block)."""
-        self._check_writable()
+        self.check_writable()
         st = self.state
         gen = st.next_generation
         if not 1 <= gen <= 0xFFFF_FFFF:  # a damaged counter: generations are 32-bit
@@ -1002,91 +938,10 @@ class Store:
         self._dirty_state()
         return gen
 
-    def inode_table_block(self, ino: InodeNo) -> BlockNo:
-        """The inode table block holding inode ``ino`` (for error messages)."""
-        self._check_ino(ino)
-        return locate(self.geo.itable_start, ino)[0]
-
     @_guarded
     def inode_allocated(self, ino: InodeNo) -> bool:
-        self._check_ino(ino)
+        self.itable.check_ino(ino)
         return self.inodes.is_set(ino)
-
-    # -- data path ---------------------------------------------------------------------------
-
-    def _check_data(self, blkno: int, count: int) -> None:
-        g = self.geo
-        if count < 1 or blkno < g.data_start or blkno + count > g.backup_sb:
-            raise CorruptionError(blkno, "data extent",
-                                  f"{count} block(s) outside the data area")
-
-    def alloc_buffer(self, nbytes: int) -> Any:
-        """An aligned buffer from the device, for zero-copy read_data/write_data."""
-        return self.bdev.alloc_buffer(nbytes)
-
-    def data_buffer(self, nbytes: int) -> memoryview:
-        """An aligned scratch buffer of ``nbytes`` for one request's data.  Data written
-        from it with :meth:`write_data` leaves on the write-behind thread
-        (nexfs/store/writebehind.py); the buffer is handed out again only once that is done.
-
-        Why not a fresh buffer per request: each is a new mmap, so O_DIRECT first faults
-        in and zeroes its pages and the munmap afterwards costs a TLB shootdown; that
-        made a 4 KiB read take ~170 us instead of the device's ~60 us."""
-        if nbytes > BUFFER_BYTES:
-            return memoryview(self.bdev.alloc_buffer(nbytes)).cast("B")
-        return self._wb.buffer(nbytes)
-
-    def read_data(self, blkno: BlockNo, count: int, into: Any = None) -> memoryview:
-        """Read file data, through the data cache (nexfs/store/datacache.py).
-
-        A device error is returned as FsError(errno) without entering the error state (a
-        failed read changes nothing)."""
-        try:
-            self._check_data(blkno, count)
-        except CorruptionError as e:
-            self.failures.failed(e)
-            raise
-        view = self.bdev.alloc(count) if into is None else memoryview(into).cast("B")
-        try:
-            self._wb.wait_overlapping(blkno, count)
-            self._data.read(blkno, count, view)
-            return view
-        except LostWriteError as e:
-            # Acknowledged data never reached the device: that is a write failure.
-            raise self.failures.device_error(e, f"reading data block {blkno}") from e
-        except OSError as e:
-            # Not an ordinary failure: quiet to the caller's errno, but the log must say why.
-            log.error("device error reading data blocks %d+%d: %s", blkno, count, e)
-            raise FsError(e.errno or errno.EIO, f"reading data block {blkno}: {e}") from e
-
-    @_guarded
-    def write_data(self, blkno: BlockNo, count: int, data: Any | Sequence[Any]) -> None:
-        """Write file data (one buffer or a list: vectored): small writes into the data
-        cache, large ones from a ``data_buffer`` to the write-behind thread, others straight
-        to the device.  Either way it is on the device, and durable, before the next commit
-        block (ordered data)."""
-        self._check_writable()
-        self._check_data(blkno, count)
-        self._data_unsynced = True
-        if self._data.takes(count):
-            # An older write of these blocks may still be in flight: let it land first, so
-            # that no dirty cached block is ever overtaken (flushes need not wait).
-            self._wb.wait_overlapping(blkno, count)
-            self._data.write(blkno, count, data)
-            return
-        self._data.discard(blkno, count)
-        if not self._wb.submit(blkno, count, data):
-            self._wb.wait_overlapping(blkno, count)
-            self.grants.data.write_blocks(blkno, count, data)
-
-    def _flush_data(self) -> None:
-        """Write the data cache's dirty blocks to the device; the next barrier or commit
-        block makes them durable.  Writes still in flight on the write-behind thread are
-        waited for first (their error, if any, is raised here)."""
-        self._wb.wait_all()
-        if self._data.dirty_count:
-            self._data_unsynced = True
-            self._data.flush()
 
     # -- reporting ---------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 A 1 MiB write through the mount spent about half its time waiting for the O_DIRECT write
 and the other half in Python (receiving the request, copying it, updating metadata); done
 one after the other, sequential writes ran at half the device's speed.  Here the request's
-data is copied into one of :data:`NBUFFERS` aligned buffers (the store's ``data_buffer``),
+data is copied into one of :data:`NBUFFERS` aligned buffers (the data path's ``buffer``),
 handed to a worker thread that writes it (the valve releases the GIL for the system call),
 and the request is answered.  The next request uses the next buffer; a buffer is handed
 out again only when the writes from it have finished.
