@@ -296,6 +296,9 @@ def setup_logging(config: MountConfig, *, background: bool) -> str:
     root.setLevel(logging.DEBUG if config.debug else logging.INFO)
     # pyfuse3's own debug lines (session setup) are noise unless debugging.
     logging.getLogger("pyfuse3").setLevel(logging.DEBUG if config.debug else logging.WARNING)
+    from nexfs.fuse import replylog
+
+    replylog.install()  # a reply to a request the kernel dropped is not an error
     return where
 
 
