@@ -29,27 +29,24 @@ def placed_file(fs: FileSystem, parent: int, name: bytes, groups: Iterable[int],
     ino = fs.create(parent, name, 0o644, ROOT).ino
     store = fs.store
     inode = fs.inodes.get(ino)
-    data = fs._data(inode)
+    data = fs.objects.data(inode)
     lblk = 0
     for g in groups:
         goal = BlockNo(max(g * BPB, store.geo.data_start))
         left = per_group
         while left:
-            store.reserve(left + data.emap.worst_case_new_blocks(1))
-            try:
+            with store.reserve(left + data.emap.worst_case_new_blocks(1)):
                 start, n = store.alloc_data(goal, left)
                 data.emap.insert(lblk, start, n)
-            finally:
-                store.release_reservation()
             inode.blocks += n
             lblk += n
             left -= n
             goal = BlockNo(start + n)
-            fs._dirty(inode)
+            fs.objects.dirty(inode)
             if store.txn_blocks >= commit_every:
                 fs.commit(durable=False)
     inode.size = lblk * BLOCK_SIZE
-    fs._dirty(inode)
+    fs.objects.dirty(inode)
     fs.commit(durable=True)
     return ino
 
@@ -57,6 +54,6 @@ def placed_file(fs: FileSystem, parent: int, name: bytes, groups: Iterable[int],
 def groups_of(fs: FileSystem, ino: int) -> set[int]:
     """The bitmap groups holding the data blocks of ``ino``."""
     out: set[int] = set()
-    for _l, phys, n in fs._data(fs.inodes.get(ino)).emap.extents():
+    for _l, phys, n in fs.objects.data(fs.inodes.get(ino)).emap.extents():
         out.update(range(phys // BPB, (phys + n - 1) // BPB + 1))
     return out

@@ -199,11 +199,11 @@ def _build(path: Path) -> None:
             fs.write(frag, i * BLOCK, b"f" * BLOCK, ROOT)
             fs.write(spacer, i * BLOCK, b"g" * BLOCK, ROOT)
         # The shapes the cases rely on: an extent tree, a two-level index, an xattr tree.
-        assert fs._data(fs.inodes.get(frag)).emap.worst_case_new_blocks(1) >= 2
-        assert fs._dir(fs.inodes.get(deep))._tree.levels() >= 2
+        assert fs.objects.data(fs.inodes.get(frag)).emap.worst_case_new_blocks(1) >= 2
+        assert fs.objects.dir_index(fs.inodes.get(deep))._tree.levels() >= 2
         assert fs.inodes.get(deep).xattr_root
         fresh = fs.inodes.get(_lookup(fs, DIRS["fresh"]))
-        assert fs._dir(fresh).is_empty() and not fresh.xattr_root and not fresh.blocks
+        assert fs.objects.dir_index(fresh).is_empty() and not fresh.xattr_root and not fresh.blocks
         inodes = fs.mkdir(ROOT_INO, b"inodes", 0o755, ROOT).ino
         i = 0
         while fs.store.state.free_inodes:

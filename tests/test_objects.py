@@ -86,7 +86,7 @@ def test_orphan_list_through_the_object_layer(fs: FileSystem) -> None:
     assert fs.store.state.orphan_head == inodes[-1].ino
     for inode in (inodes[2], inodes[4], inodes[0], inodes[3], inodes[1]):
         objects.orphan_remove(inode)
-        objects.orphan_prev = None  # the next removal walks the on-disk list again
+        objects._orphan_prev = None  # the next removal walks the on-disk list again
     assert fs.store.state.orphan_head == 0
     assert all(i.orphan_next == 0 for i in inodes)
     _commit(fs)

@@ -204,7 +204,7 @@ def test_stale_slot_of_an_old_image_never_comes_back(tmp_path: Path) -> None:
         fs.write(stale, 0, b"o" * 8 * BLOCK_SIZE, ROOT)
         fs.commit()
         record = fs.store.itable.read_raw(InodeNo(stale))
-        old_runs = list(fs._data(fs.inodes.get(stale)).emap.extents())
+        old_runs = list(fs.objects.data(fs.inodes.get(stale)).emap.extents())
         fs.unlink(ROOT_INO, b"old", ROOT)
     with mounted(image) as fs:
         # Fill the volume, so the new file takes over the old file's blocks.
@@ -218,7 +218,7 @@ def test_stale_slot_of_an_old_image_never_comes_back(tmp_path: Path) -> None:
                     break
                 size += chunk
         content = fs.read(new, 0, size)
-        new_blocks = {p + i for _l, p, n in fs._data(fs.inodes.get(new)).emap.extents()
+        new_blocks = {p + i for _l, p, n in fs.objects.data(fs.inodes.get(new)).emap.extents()
                       for i in range(n)}
         assert any(p in new_blocks for _l, p, _n in old_runs)
         geo = fs.store.geo

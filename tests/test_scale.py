@@ -90,7 +90,7 @@ def test_huge_truncate_and_unlink_stay_within_the_journal(small_journal: int) ->
     fs.setattr(spread, SetAttr(size=keep * BLOCK_SIZE + 5), ROOT)
     assert fs.error is None, fs.error
     attr = fs.getattr(spread)
-    tree = fs._data(fs.inodes.get(spread)).emap.tree_blocks()
+    tree = fs.objects.data(fs.inodes.get(spread)).emap.tree_blocks()
     assert attr.size == keep * BLOCK_SIZE + 5 and attr.blocks // 8 == keep + 1 + tree
     # The whole-group file: one extent over several groups, cut in the middle of one.
     fs.setattr(whole, SetAttr(size=BPB * BLOCK_SIZE + 7 * BLOCK_SIZE), ROOT)
@@ -271,7 +271,7 @@ def test_repair_frees_huge_orphans_in_steps(small_journal: int) -> None:
     fs.unlink(ROOT_INO, b"f", ROOT)
     inode = fs.inodes.get(other)
     inode.size = BLOCK_SIZE  # damage: 59 blocks mapped past the end of the file
-    fs._dirty(inode)
+    fs.objects.dirty(inode)
     fs.commit()
     fs.store.abort()
     store = Store.open(dev, ignore_error=True, salvage_state=True)

@@ -66,7 +66,7 @@ def _volume(kind: str, tmp_path: Path, size: int) -> Iterator[Any]:
 
 
 def _phys(fs: FileSystem, ino: int, lblk: int, count: int) -> list[tuple[int, int, int]]:
-    return fs._data(fs.inodes.get(ino)).emap.map(lblk, count)
+    return fs.objects.data(fs.inodes.get(ino)).emap.map(lblk, count)
 
 
 def _fill(fs: FileSystem, name: bytes, byte: int) -> int:

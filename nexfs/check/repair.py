@@ -132,7 +132,7 @@ class Repairer:
             inode = fs.inodes.get(ino)
             if info.xattr_damage:
                 self.say(f"inode {ino}: dropping its damaged extended attributes")
-                inode.xattr_root = 0
+                objects.xattrs(inode).abandon()
             if inode.is_dir and info.tree_damage:
                 self._rebuild_directory(info)
             elif info.tree_damage and not inode.is_dir and not (
@@ -208,16 +208,8 @@ class Repairer:
             inode = fs.inodes.get(ino)
             if inode.is_reg or (inode.is_symlink and not inode.flags & INODE_FLAG_INLINE):
                 self.objects.release_data(inode, 0, protect=False)
-        state = self.store.state
-        if state.orphan_head:
-            state.orphan_head = 0
-            self.store.dirty(state)
-        for ino, info in self.found.inodes.items():
-            if info.inode.flags & INODE_FLAG_ORPHAN:
-                inode = fs.inodes.get(ino)
-                inode.flags &= ~INODE_FLAG_ORPHAN
-                inode.orphan_next = 0
-                self.objects.dirty(inode)
+        self.objects.orphan_clear([ino for ino, info in self.found.inodes.items()
+                                   if info.inode.flags & INODE_FLAG_ORPHAN])
         for ino in self.found.orphans:
             self.say(f"freeing deleted inode {ino}")
             self.objects.free_inode(fs.inodes.get(ino))

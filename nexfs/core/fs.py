@@ -28,13 +28,10 @@ from typing import Any, TypeVar
 from nexfs.core import acl as acls
 from nexfs.core import clock, perms
 from nexfs.core.attr import UTIME_NOW, Attr, Ctx, SetAttr, StatFs
-from nexfs.core.filedata import FileData
-from nexfs.core.inode_cache import InodeCache, OwnedStore
+from nexfs.core.inode_cache import InodeCache
 from nexfs.core.objects import LOST_FOUND_INO, ROOT_INO, SYMLINK_MAX, Objects
-from nexfs.ondisk.dirindex import DirIndex
 from nexfs.ondisk.inode_record import DATA_AREA_SIZE, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
 from nexfs.ondisk.metablock import BLOCK_SIZE
-from nexfs.ondisk.xattr_tree import XattrStore
 from nexfs.store.failure import FailurePolicy
 from nexfs.store.store import Store
 from nexfs.types import CorruptionError, FsError, InodeNo
@@ -138,7 +135,6 @@ class FileSystem:
         self.objects = Objects(store, self.inodes)  # the handles repair and fsck use too
         self._refs: dict[int, int] = {}
         self._error_at_open = store.error  # a volume opened read-only because marked ERROR
-        self.failures.on_error(self._forget_uncommitted)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -224,12 +220,6 @@ class FileSystem:
             self.failures.failed(exc, changed=True, where="commit")
             raise
 
-    def _forget_uncommitted(self) -> None:
-        # The store discarded its running transaction: decoded inodes changed since the
-        # last commit may point at blocks that never reached the disk.  Read them again.
-        self.inodes.clear()
-        self.objects.orphan_prev = None
-
     def _make_root(self) -> None:
         now = _now()
         root = self._new_inode(None, stat.S_IFDIR | 0o755, 0, 0, now)
@@ -243,34 +233,14 @@ class FileSystem:
         lf.nlink = 2
         lf.parent = ROOT_INO
         lf.size = BLOCK_SIZE
-        index = self._dir(root)
+        index = self.objects.dir_index(root)
         index.insert(b"lost+found", lf.ino, _dtype(lf.mode))
-        self._dir_changed(root, index)
+        self.objects.dir_changed(root, index)
         root.nlink += 1
         self.inodes.flush()
         self.store.commit(durable=True)
 
     # -- helpers ----------------------------------------------------------------------------
-
-    # Short names for the object layer's handles (nexfs/core/objects.py), used all through here.
-
-    def _dirty(self, inode: Inode) -> None:
-        self.objects.dirty(inode)
-
-    def _owned(self, inode: Inode) -> OwnedStore:
-        return self.objects.owned(inode)
-
-    def _dir(self, inode: Inode) -> DirIndex:
-        return self.objects.dir_index(inode)
-
-    def _dir_changed(self, inode: Inode, index: DirIndex | None = None) -> None:
-        self.objects.dir_changed(inode, index)
-
-    def _data(self, inode: Inode) -> FileData:
-        return self.objects.data(inode)
-
-    def _xattrs(self, inode: Inode) -> XattrStore:
-        return self.objects.xattrs(inode)
 
     def _access_acl(self, inode: Inode) -> acls.Acl | None:
         """The inode's access ACL for a permission check (cached with the inode)."""
@@ -285,7 +255,7 @@ class FileSystem:
         if not inode.xattr_root:
             return None
         try:
-            value = self._xattrs(inode).get(name)
+            value = self.objects.xattrs(inode).get(name)
         except FsError as exc:
             if exc.errno == errno.ENODATA and not isinstance(exc, CorruptionError):
                 return None
@@ -328,7 +298,7 @@ class FileSystem:
             return parent
         if name == b"..":
             return self.inodes.get(parent.parent or ROOT_INO)
-        hit = self._dir(parent).lookup(name)
+        hit = self.objects.dir_index(parent).lookup(name)
         if hit is None:
             return None
         return self._entry_inode(parent, name, hit[0])
@@ -354,7 +324,7 @@ class FileSystem:
 
     def _touch_dir(self, inode: Inode, now: int) -> None:
         inode.mtime_ns = inode.ctime_ns = now
-        self._dirty(inode)
+        self.objects.dirty(inode)
 
     def _prepare_create(self, parent_ino: int, name: bytes, ctx: Ctx, extra_blocks: int = 0
                         ) -> Inode:
@@ -364,16 +334,16 @@ class FileSystem:
         perms.check(parent, perms.W_OK | perms.X_OK, ctx, self._access_acl(parent))
         if parent.nlink == 0:
             raise FsError(errno.ENOENT)
-        if name in (b".", b"..") or self._dir(parent).lookup(name) is not None:
+        if name in (b".", b"..") or self.objects.dir_index(parent).lookup(name) is not None:
             raise FsError(errno.EEXIST)
-        self.store.reserve(self._dir(parent).worst_case_new_blocks() + extra_blocks,
+        self.store.reserve(self.objects.dir_index(parent).worst_case_new_blocks() + extra_blocks,
                            ninodes=1)
         return parent
 
     def _add_entry(self, parent: Inode, name: bytes, inode: Inode, now: int) -> None:
-        index = self._dir(parent)
+        index = self.objects.dir_index(parent)
         index.insert(name, inode.ino, _dtype(inode.mode))
-        self._dir_changed(parent, index)
+        self.objects.dir_changed(parent, index)
         self._touch_dir(parent, now)
 
     def _create_node(self, parent_ino: int, name: bytes, mode: int, ctx: Ctx,
@@ -391,24 +361,21 @@ class FileSystem:
             access, mode = acls.inherit(default, mode)
             values = self._inherited_acl_values(default, access, mode)
         # The parent's tree holds the same values, so its worst case bounds the new one's.
-        acl_blocks = sum(self._xattrs(directory).worst_case_new_blocks(len(v))
+        acl_blocks = sum(self.objects.xattrs(directory).worst_case_new_blocks(len(v))
                          for _n, v in values)
         parent = self._prepare_create(parent_ino, name, ctx, extra_blocks + acl_blocks)
-        try:
-            uid, gid, mode = perms.initial_owner(parent, mode, ctx)
-            now = _now()
-            inode = self._new_inode(parent, mode, uid, gid, now)
-            inode.rdev = rdev
-            if access is not None and values:
-                self._set_inherited_acls(inode, values, access)
-            if inode.is_dir:
-                inode.nlink = 2
-                inode.parent = parent.ino
-                inode.size = BLOCK_SIZE
-                parent.nlink += 1
-            self._add_entry(parent, name, inode, now)
-        finally:
-            self.store.release_reservation()
+        uid, gid, mode = perms.initial_owner(parent, mode, ctx)
+        now = _now()
+        inode = self._new_inode(parent, mode, uid, gid, now)
+        inode.rdev = rdev
+        if access is not None and values:
+            self._set_inherited_acls(inode, values, access)
+        if inode.is_dir:
+            inode.nlink = 2
+            inode.parent = parent.ino
+            inode.size = BLOCK_SIZE
+            parent.nlink += 1
+        self._add_entry(parent, name, inode, now)
         return inode
 
     @staticmethod
@@ -426,10 +393,9 @@ class FileSystem:
     def _set_inherited_acls(self, inode: Inode, values: list[tuple[bytes, bytes]],
                             access: acls.Acl) -> None:
         """Store the inherited ACL xattrs (reserved by the create that calls this)."""
-        xattrs = self._xattrs(inode)
+        xattrs = self.objects.xattrs(inode)
         for name, value in values:
             xattrs.set(name, value)
-        inode.xattr_root = xattrs.root
         self.inodes.acls[inode.ino] = access if not acls.is_minimal(access) else ()
 
     # -- namespace operations ---------------------------------------------------------------
@@ -474,7 +440,7 @@ class FileSystem:
                                   f"inode {inode.ino}", f"symlink of size {inode.size}")
         if inline:
             return bytes(inode.area[: inode.size])
-        return self._data(inode).read(0, inode.size)
+        return self.objects.data(inode).read(0, inode.size)
 
     @_mutating
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Ctx) -> Attr:
@@ -523,8 +489,8 @@ class FileSystem:
             inode.area[: len(target)] = target
             inode.size = len(target)
         else:
-            self._data(inode).write(0, target)
-        self._dirty(inode)
+            self.objects.data(inode).write(0, target)
+        self.objects.dirty(inode)
         return self._attr(inode)
 
     @_mutating
@@ -537,14 +503,11 @@ class FileSystem:
         if inode.nlink == 0:
             raise FsError(errno.ENOENT)
         parent = self._prepare_create(new_parent, new_name, ctx)
-        try:
-            now = _now()
-            inode.nlink += 1
-            inode.ctime_ns = now
-            self._dirty(inode)
-            self._add_entry(parent, new_name, inode, now)
-        finally:
-            self.store.release_reservation()
+        now = _now()
+        inode.nlink += 1
+        inode.ctime_ns = now
+        self.objects.dirty(inode)
+        self._add_entry(parent, new_name, inode, now)
         return self._attr(inode)
 
     @_mutating
@@ -567,14 +530,14 @@ class FileSystem:
             raise FsError(errno.ENOTDIR)
         if inode.ino == ROOT_INO:
             raise FsError(errno.EBUSY)
-        if not self._dir(inode).is_empty():
+        if not self.objects.dir_index(inode).is_empty():
             raise FsError(errno.ENOTEMPTY)
         now = _now()
         self._remove_entry(directory, name, now)
         directory.nlink -= 1
         inode.nlink = 0
         inode.ctime_ns = now
-        self._dirty(inode)
+        self.objects.dirty(inode)
         self._unlinked(inode)
 
     def _prepare_remove(self, parent: int, name: bytes, ctx: Ctx) -> tuple[Inode, Inode]:
@@ -590,24 +553,24 @@ class FileSystem:
         return directory, inode
 
     def _remove_entry(self, directory: Inode, name: bytes, now: int) -> None:
-        index = self._dir(directory)
+        index = self.objects.dir_index(directory)
         index.remove(name)
-        self._dir_changed(directory, index)
+        self.objects.dir_changed(directory, index)
         self._touch_dir(directory, now)
 
     def _drop_link(self, inode: Inode, now: int) -> None:
         inode.nlink -= 1
         inode.ctime_ns = now
-        self._dirty(inode)
+        self.objects.dirty(inode)
         if inode.nlink == 0:
             self._unlinked(inode)
 
     def _unlinked(self, inode: Inode) -> None:
         """The last name is gone: free the inode now, or at its last reference."""
         if self._refs.get(inode.ino, 0) > 0:
-            self._orphan_add(inode)
+            self.objects.orphan_add(inode)
         else:
-            self._free_inode(inode)
+            self.objects.free_inode(inode)
 
     @_mutating
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
@@ -646,7 +609,7 @@ class FileSystem:
             if src.is_dir:
                 if not dst.is_dir:
                     raise FsError(errno.ENOTDIR)
-                if not self._dir(dst).is_empty():
+                if not self.objects.dir_index(dst).is_empty():
                     raise FsError(errno.ENOTEMPTY)
             elif dst.is_dir:
                 raise FsError(errno.EISDIR)
@@ -659,49 +622,46 @@ class FileSystem:
                 perms.check(src, perms.W_OK, ctx, self._access_acl(src))  # its ".." changes
                 if dst is None and dst_dir.nlink >= LINK_MAX:
                     raise FsError(errno.EMLINK)
-        index_dst = self._dir(dst_dir)
+        index_dst = self.objects.dir_index(dst_dir)
         whiteout = bool(flags & RENAME_WHITEOUT)
         self.store.reserve(0 if dst is not None else index_dst.worst_case_new_blocks(),
                            ninodes=int(whiteout))
-        try:
-            now = _now()
-            index_src = self._dir(src_dir)
-            if dst is not None:
-                index_dst.replace(new_name, src.ino, _dtype(src.mode))
+        now = _now()
+        index_src = self.objects.dir_index(src_dir)
+        if dst is not None:
+            index_dst.replace(new_name, src.ino, _dtype(src.mode))
+        else:
+            index_dst.insert(new_name, src.ino, _dtype(src.mode))
+        self.objects.dir_changed(dst_dir, index_dst)
+        if src_dir.ino == dst_dir.ino:
+            index_src = index_dst
+        if whiteout:
+            # overlayfs: the old name becomes a whiteout (a 0/0 character device) in the
+            # same operation, so no one ever sees the lower file through the gap.
+            uid, gid, mode = perms.initial_owner(src_dir, stat.S_IFCHR, ctx)
+            wh = self._new_inode(src_dir, mode, uid, gid, now)
+            index_src.replace(old_name, wh.ino, _dtype(wh.mode))
+        else:
+            index_src.remove(old_name)
+        self.objects.dir_changed(src_dir, index_src)
+        self._touch_dir(src_dir, now)
+        self._touch_dir(dst_dir, now)
+        src.ctime_ns = now
+        if src.is_dir:
+            src.parent = dst_dir.ino
+        self.objects.dirty(src)
+        if moving_dir:
+            src_dir.nlink -= 1
+            dst_dir.nlink += 1
+        if dst is not None:
+            if dst.is_dir:
+                dst_dir.nlink -= 1
+                dst.nlink = 0
+                dst.ctime_ns = now
+                self.objects.dirty(dst)
+                self._unlinked(dst)
             else:
-                index_dst.insert(new_name, src.ino, _dtype(src.mode))
-            self._dir_changed(dst_dir, index_dst)
-            if src_dir.ino == dst_dir.ino:
-                index_src = index_dst
-            if whiteout:
-                # overlayfs: the old name becomes a whiteout (a 0/0 character device) in the
-                # same operation, so no one ever sees the lower file through the gap.
-                uid, gid, mode = perms.initial_owner(src_dir, stat.S_IFCHR, ctx)
-                wh = self._new_inode(src_dir, mode, uid, gid, now)
-                index_src.replace(old_name, wh.ino, _dtype(wh.mode))
-            else:
-                index_src.remove(old_name)
-            self._dir_changed(src_dir, index_src)
-            self._touch_dir(src_dir, now)
-            self._touch_dir(dst_dir, now)
-            src.ctime_ns = now
-            if src.is_dir:
-                src.parent = dst_dir.ino
-            self._dirty(src)
-            if moving_dir:
-                src_dir.nlink -= 1
-                dst_dir.nlink += 1
-            if dst is not None:
-                if dst.is_dir:
-                    dst_dir.nlink -= 1
-                    dst.nlink = 0
-                    dst.ctime_ns = now
-                    self._dirty(dst)
-                    self._unlinked(dst)
-                else:
-                    self._drop_link(dst, now)
-        finally:
-            self.store.release_reservation()
+                self._drop_link(dst, now)
 
     def _rename_exchange(self, src_dir: Inode, old_name: bytes, src: Inode, dst_dir: Inode,
                          new_name: bytes, dst: Inode, ctx: Ctx) -> None:
@@ -719,17 +679,17 @@ class FileSystem:
                 if gaining.nlink >= LINK_MAX:
                     raise FsError(errno.EMLINK)
         now = _now()
-        index_src = self._dir(src_dir)
+        index_src = self.objects.dir_index(src_dir)
         index_src.replace(old_name, dst.ino, _dtype(dst.mode))
-        self._dir_changed(src_dir, index_src)
-        index_dst = index_src if src_dir.ino == dst_dir.ino else self._dir(dst_dir)
+        self.objects.dir_changed(src_dir, index_src)
+        index_dst = index_src if src_dir.ino == dst_dir.ino else self.objects.dir_index(dst_dir)
         index_dst.replace(new_name, src.ino, _dtype(src.mode))
-        self._dir_changed(dst_dir, index_dst)
+        self.objects.dir_changed(dst_dir, index_dst)
         for directory in (src_dir, dst_dir):
             self._touch_dir(directory, now)
         for inode in (src, dst):
             inode.ctime_ns = now
-            self._dirty(inode)
+            self.objects.dirty(inode)
         if src_dir.ino != dst_dir.ino:
             if src.is_dir:
                 src.parent = dst_dir.ino
@@ -783,11 +743,7 @@ class FileSystem:
         except FsError:
             return
         if inode.nlink == 0:
-            self._free_inode(inode)
-
-    def _free_inode(self, inode: Inode) -> None:
-        """Free an inode with no name left and everything it owns (see Objects.free_inode)."""
-        self.objects.free_inode(inode)
+            self.objects.free_inode(inode)
 
     @_reading
     def release_data(self, inode: Inode, keep: int, *, protect: bool = True) -> None:
@@ -795,29 +751,22 @@ class FileSystem:
         between steps when needed (see Objects.release_data)."""
         self.objects.release_data(inode, keep, protect=protect)
 
-    def _orphan_add(self, inode: Inode) -> None:
-        self.objects.orphan_add(inode)
-
-    def _orphan_remove(self, inode: Inode) -> None:
-        self.objects.orphan_remove(inode)
-
     @_mutating
     def _process_orphans(self) -> None:
         """Finish what a crash interrupted: free the inodes that were unlinked while in use
         (or whose delete was under way), and truncate those whose truncate was under way to
         their size.  Each stays at the head of the list until its blocks are gone, so a
         crash here is finished by the next mount."""
-        state = self.store.state
         count = 0
-        while state.orphan_head:
-            inode = self.inodes.get(state.orphan_head)
+        while (head := self.objects.first_orphan()) is not None:
+            inode = self.inodes.get(head)
             inode.flags |= INODE_FLAG_ORPHAN  # it is on the list, whatever its flag says
             if inode.nlink == 0:
-                self._free_inode(inode)
+                self.objects.free_inode(inode)
             else:
                 if inode.is_reg:
                     self.release_data(inode, -(-inode.size // BLOCK_SIZE))
-                self._orphan_remove(inode)
+                self.objects.orphan_remove(inode)
             count += 1
             if count > self.store.geo.ninodes:
                 raise CorruptionError(0, "orphan list", "loop")
@@ -867,10 +816,10 @@ class FileSystem:
         # that a chmod rewrites can need blocks.
         new_acl = (self._chmod_acl(inode, self._new_mode(inode, changes.mode, ctx))
                    if changes.mode is not None else None)
-        self.store.reserve(self._xattrs(inode).worst_case_new_blocks(len(new_acl[1]))
+        self.store.reserve(self.objects.xattrs(inode).worst_case_new_blocks(len(new_acl[1]))
                            if new_acl is not None else 0)
         if changes.size is not None:
-            self._data(inode).truncate(
+            self.objects.data(inode).truncate(
                 changes.size, lambda keep: self.release_data(inode, keep))
             inode.mtime_ns = now
             if ctx.uid != 0:
@@ -892,7 +841,7 @@ class FileSystem:
         if changes.mtime_ns is not None:
             inode.mtime_ns = now if changes.mtime_ns == UTIME_NOW else changes.mtime_ns
         inode.ctime_ns = changes.ctime_ns if changes.ctime_ns is not None else now
-        self._dirty(inode)
+        self.objects.dirty(inode)
         return self._attr(inode)
 
     @_reading
@@ -933,7 +882,7 @@ class FileSystem:
     @_reading
     def read(self, ino: int, offset: int, size: int) -> bytes:
         inode = self._regular_file(ino)
-        data = self._data(inode).read(offset, size)
+        data = self.objects.data(inode).read(offset, size)
         self._note_access(inode)
         return data
 
@@ -964,20 +913,20 @@ class FileSystem:
         if not self._atime_due(inode):
             return False
         inode.atime_ns = _now()
-        self._dirty(inode)
+        self.objects.dirty(inode)
         self.inodes.flush()
         return True
 
     @_mutating
     def write(self, ino: int, offset: int, data: bytes | memoryview, ctx: Ctx) -> int:
         inode = self._regular_file(ino)
-        written = self._data(inode).write(offset, data)
+        written = self.objects.data(inode).write(offset, data)
         if written:
             now = _now()
             inode.mtime_ns = inode.ctime_ns = now
             if ctx.uid != 0 and inode.mode & (stat.S_ISUID | stat.S_ISGID):
                 inode.mode = perms.killpriv(inode.mode)
-            self._dirty(inode)
+            self.objects.dirty(inode)
         return written
 
     @_reading
@@ -1021,7 +970,8 @@ class FileSystem:
         try:
             # Runs after readdir's wrapper has returned: the rest of the listing is a
             # boundary of its own.
-            for entry_cookie, name, child, _kind in self._dir(directory).iter_from(cookie):
+            index = self.objects.dir_index(directory)
+            for entry_cookie, name, child, _kind in index.iter_from(cookie):
                 attr = self._attr(self._entry_inode(directory, name, child))
                 yield name, attr, entry_cookie
         except Exception as exc:
@@ -1071,14 +1021,14 @@ class FileSystem:
         self._check_xattr_name(name)
         if name.startswith(b"trusted.") and ctx is not None and ctx.uid != 0:
             raise FsError(errno.ENODATA)
-        return self._xattrs(inode).get(name)
+        return self.objects.xattrs(inode).get(name)
 
     @_reading
     def listxattr(self, ino: int, ctx: Ctx | None = None) -> list[bytes]:
         inode = self.inodes.get(ino)
         if not inode.xattr_root:
             return []
-        names = self._xattrs(inode).list()
+        names = self.objects.xattrs(inode).list()
         if ctx is not None and ctx.uid != 0:
             names = [n for n in names if not n.startswith(b"trusted.")]
         if not self.acl:
@@ -1093,15 +1043,11 @@ class FileSystem:
         if name in acls.NAMES:
             self._set_acl(inode, name, value, flags, ctx)
             return
-        xattrs = self._xattrs(inode)
+        xattrs = self.objects.xattrs(inode)
         self.store.reserve(xattrs.worst_case_new_blocks(len(value)))
-        try:
-            xattrs.set(name, value, flags)
-        finally:
-            self.store.release_reservation()
-        inode.xattr_root = xattrs.root
+        xattrs.set(name, value, flags)
         inode.ctime_ns = _now()
-        self._dirty(inode)
+        self.objects.dirty(inode)
 
     @_mutating
     def removexattr(self, ino: int, name: bytes, ctx: Ctx) -> None:
@@ -1110,13 +1056,12 @@ class FileSystem:
         self._check_xattr_write(inode, name, ctx)
         if not inode.xattr_root:
             raise FsError(errno.ENODATA)
-        xattrs = self._xattrs(inode)
+        xattrs = self.objects.xattrs(inode)
         xattrs.remove(name)
-        inode.xattr_root = xattrs.root
         inode.ctime_ns = _now()
         if name == acls.ACCESS:
             self.inodes.acls[inode.ino] = ()  # the mode stays as it is, as on ext4
-        self._dirty(inode)
+        self.objects.dirty(inode)
 
     # -- POSIX ACLs (nexfs/core/acl.py) -----------------------------------------------------------
 
@@ -1139,18 +1084,14 @@ class FileSystem:
         if flags & 2 and not exists:  # XATTR_REPLACE
             raise FsError(errno.ENODATA)
         store = acl is not None and (name == acls.DEFAULT or not acls.is_minimal(acl))
-        xattrs = self._xattrs(inode)
+        xattrs = self.objects.xattrs(inode)
         if store:
             assert acl is not None
             value = acls.encode(acl)
             self.store.reserve(xattrs.worst_case_new_blocks(len(value)))
-            try:
-                xattrs.set(name, value)
-            finally:
-                self.store.release_reservation()
+            xattrs.set(name, value)
         elif exists:
             xattrs.remove(name)
-        inode.xattr_root = xattrs.root
         if name == acls.ACCESS and acl is not None:
             mode = (inode.mode & ~0o777) | acls.mode_bits(acl)
             if ctx.uid != 0 and not ctx.in_group(inode.gid):
@@ -1159,7 +1100,7 @@ class FileSystem:
         if name == acls.ACCESS:
             self.inodes.acls[inode.ino] = acl if store and acl is not None else ()
         inode.ctime_ns = _now()
-        self._dirty(inode)
+        self.objects.dirty(inode)
 
     @staticmethod
     def _new_mode(inode: Inode, requested: int, ctx: Ctx) -> int:
@@ -1181,7 +1122,6 @@ class FileSystem:
 
     def _set_chmod_acl(self, inode: Inode, new: tuple[acls.Acl, bytes]) -> None:
         """Store the rewritten access ACL (reserved by setattr before anything changed)."""
-        xattrs = self._xattrs(inode)
+        xattrs = self.objects.xattrs(inode)
         xattrs.set(acls.ACCESS, new[1])
-        inode.xattr_root = xattrs.root
         self.inodes.acls[inode.ino] = new[0]

@@ -5,9 +5,10 @@ for e2fsprogs).
 every change is accounted for: the inode itself (decoded, cached, written back once per
 operation), a directory's index (:class:`DirHandle`: add, remove, replace and look up
 entries; the handle writes its tree root and size back into the inode), a file's data
-(:class:`~nexfs.core.filedata.FileData`) and its extent map, and an inode's extended attributes
-(:class:`~nexfs.ondisk.xattr_tree.XattrStore`).  Every metadata block a handle allocates or frees is
-counted in the inode's ``blocks`` and marks the inode dirty.
+(:class:`~nexfs.core.filedata.FileData`) and its extent map, and an inode's extended
+attributes (:class:`XattrHandle`, which writes the tree's root back as a directory handle
+does).  Every metadata block a handle allocates or frees is counted in the inode's
+``blocks`` and marks the inode dirty.
 
 It holds no policy: POSIX rules, permissions and timestamps are
 :class:`~nexfs.core.fs.FileSystem`'s, and the checker and repair use the same handles
@@ -17,6 +18,10 @@ here commits: changes join the store's running transaction like any other.
 It also allocates and frees inodes (freeing releases everything the inode owns, in steps
 that may commit) and keeps the orphan list: inodes whose deletion or truncation may span
 several transactions, finished by the next mount or fsck after a crash.
+
+When the volume enters its error state (the running transaction discarded), it forgets
+every decoded inode and its orphan-list index, which may describe changes that never
+reached the disk; nothing above it needs to know.
 """
 
 from __future__ import annotations
@@ -78,6 +83,56 @@ class DirHandle:
         self.objects.dir_changed(self.inode, self.index)
 
 
+class XattrHandle:
+    """One inode's extended attributes bound to the inode: each change writes the tree's
+    root back into the inode (marked dirty)."""
+
+    __slots__ = ("inode", "objects", "tree")
+
+    def __init__(self, objects: Objects, inode: Inode, tree: XattrStore) -> None:
+        self.objects = objects
+        self.inode = inode
+        self.tree = tree
+
+    def get(self, name: bytes) -> bytes:
+        """The value of ``name``; FsError(ENODATA) if absent."""
+        return self.tree.get(name)
+
+    def list(self) -> list[bytes]:
+        """Every name, in the tree's order."""
+        return self.tree.list()
+
+    def worst_case_new_blocks(self, value_len: int) -> int:
+        """Blocks a set of a value of ``value_len`` bytes may allocate (for the reservation)."""
+        return self.tree.worst_case_new_blocks(value_len)
+
+    def set(self, name: bytes, value: bytes, flags: int = 0) -> None:
+        """Create or replace ``name`` (``flags``: XATTR_CREATE / XATTR_REPLACE)."""
+        self.tree.set(name, value, flags)
+        self._write_back()
+
+    def remove(self, name: bytes) -> None:
+        """Remove ``name``; FsError(ENODATA) if absent."""
+        self.tree.remove(name)
+        self._write_back()
+
+    def destroy(self) -> None:
+        """Free every block of the tree (the inode is being freed)."""
+        self.tree.destroy()
+        self._write_back()
+
+    def abandon(self) -> None:
+        """Forget a damaged tree without freeing it (repair: the checker found its blocks'
+        true owners and rewrites the bitmaps)."""
+        self.inode.xattr_root = 0
+        self.objects.dirty(self.inode)
+
+    def _write_back(self) -> None:
+        if self.inode.xattr_root != self.tree.root:
+            self.inode.xattr_root = self.tree.root
+            self.objects.dirty(self.inode)
+
+
 class Objects:
     """The object layer of one open volume: handles bound to inodes (module docstring)."""
 
@@ -86,7 +141,14 @@ class Objects:
         self.inodes = inodes
         # Orphan list: the predecessor of every inode on it (0 = the head), built at first
         # use by one walk of the list; see orphan_links.  None again after a failure.
-        self.orphan_prev: dict[int, int] | None = None
+        self._orphan_prev: dict[int, int] | None = None
+        store.failures.on_error(self._forget_uncommitted)
+
+    def _forget_uncommitted(self) -> None:
+        # The store discarded its running transaction: decoded inodes changed since the
+        # last commit may point at blocks that never reached the disk.  Read them again.
+        self.inodes.clear()
+        self._orphan_prev = None
 
     # -- inodes -----------------------------------------------------------------------------
 
@@ -168,10 +230,11 @@ class Objects:
 
     # -- extended attributes ----------------------------------------------------------------
 
-    def xattrs(self, inode: Inode) -> XattrStore:
-        """``inode``'s extended attributes (the caller stores a changed root back)."""
-        return XattrStore(self.owned(inode), InodeNo(inode.ino), inode.xattr_root,
+    def xattrs(self, inode: Inode) -> XattrHandle:
+        """A handle on ``inode``'s extended attributes."""
+        tree = XattrStore(self.owned(inode), InodeNo(inode.ino), inode.xattr_root,
                           self.store.sb.hash_key)
+        return XattrHandle(self, inode, tree)
 
     # -- freeing and the orphan list ------------------------------------------------------
 
@@ -222,7 +285,7 @@ class Objects:
         walk of the on-disk list at first use, then kept up to date by orphan_add and
         orphan_remove, so that taking an inode off the singly linked list is O(1) (the
         walk for its predecessor made releasing n open-unlinked files O(n^2))."""
-        prev = self.orphan_prev
+        prev = self._orphan_prev
         if prev is None:
             prev = {}
             before, ino = 0, self.store.state.orphan_head
@@ -231,8 +294,28 @@ class Objects:
                     raise CorruptionError(0, "orphan list", f"loop at inode {ino}")
                 prev[ino] = before
                 before, ino = ino, self.inodes.get(ino).orphan_next
-            self.orphan_prev = prev
+            self._orphan_prev = prev
         return prev
+
+    def first_orphan(self) -> InodeNo | None:
+        """The inode at the head of the orphan list, or None when it is empty."""
+        head = self.store.state.orphan_head
+        return InodeNo(head) if head else None
+
+    def orphan_clear(self, flagged: list[int]) -> None:
+        """Empty the orphan list at once (fsck's repair, which has dealt with every inode on
+        it): the head is cleared and so are the flag and link of each inode in
+        ``flagged``."""
+        state = self.store.state
+        if state.orphan_head:
+            state.orphan_head = 0
+            self.store.dirty(state)
+        for ino in flagged:
+            inode = self.inodes.get(ino)
+            inode.flags &= ~INODE_FLAG_ORPHAN
+            inode.orphan_next = 0
+            self.dirty(inode)
+        self._orphan_prev = None
 
     def orphan_add(self, inode: Inode) -> None:
         """Put ``inode`` at the head of the orphan list (flagged, state block dirty)."""

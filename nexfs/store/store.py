@@ -784,13 +784,6 @@ class Store:
             raise FsError(errno.ENOSPC, "no space left on device")
         op.blocks += nblocks
 
-    def release_reservation(self) -> None:
-        """End of an operation that reserved outside :meth:`operation`: whatever it reserved
-        and did not use is available again.  Inside an operation scope this does nothing:
-        the scope ends the operation."""
-        if self._op_depth == 0:
-            self._op = None
-
     def _end_reservation(self, op: Reservation) -> None:
         if self._op is op and self._op_depth == 0:
             self._op = None
