@@ -2,7 +2,7 @@
 processes at once, with ``block_info().exclusive`` False.
 
 The valve locks every image it opens (``flock``), so two daemons can never write one image
-and the filesystem's multi-mount protection (nexfs/mmp.py) would never be exercised on a
+and the filesystem's multi-mount protection (nexfs/store/mmp.py) would never be exercised on a
 local machine.  :func:`open_shared` stands in for ``valve.Valve.open`` through the mount's
 ``Seams.open_device`` (tests/faultmount.py ``--shared``): plain ``pread``/``pwrite`` on the
 page cache, which every process on the host shares, so each sees the other's writes at once
