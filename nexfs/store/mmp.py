@@ -21,11 +21,14 @@ Claiming (:meth:`Mmp.claim`, before anything else is written; mounts and ``fsck 
    writer is gone (crashed, killed, powered off);
 3. write a new random sequence with our host name and hold it for ``wait_time()`` again,
    checking every interval that the block is still ours and writing the next sequence: if
-   it is not ours, another node claimed at the same time: refuse.  (ext4 writes once and
-   checks once at the end; then a node that read the block just after that write waits no
-   longer than the block stays still, and takes the volume from its new owner: the
-   explorer in tests/test_mmp.py found it.)  Both waits together are why an MMP mount takes
-   2 x (2 x interval + 1 s) after a crash and 2 x interval + 1 s after a clean unmount.
+   it is not ours, another node claimed at the same time: refuse.  (ext4 writes once,
+   checks once at the end and relies on its kmmpd thread writing again the moment it
+   starts.  A first version of this module, whose keeper first wrote one interval after
+   the claim, left the block still for longer than a waiter waits, so a node that read it
+   just after the claim's write took the volume from its new owner: the explorer in
+   tests/test_mmp.py found it.  Moving the block during the claim needs no such timing.)
+   Both waits together are why an MMP mount takes 2 x (2 x interval + 1 s) after a crash
+   and 2 x interval + 1 s after a clean unmount.
 
 Keeping (:meth:`Mmp.update`, every interval while mounted: :meth:`Mmp.keep` in the mount's
 trio loop, the I/O in a worker thread so a slow device never holds the loop, and
