@@ -265,6 +265,8 @@ class Mmp:
         self._write(seq)
         step = self.interval_ms / 1000
         left = wait_time(interval)
+        log.info("multi-mount protection: claiming the volume (%.1f s, to be sure no other "
+                 "node claims it too)", left)
         while left > 0:
             yield min(step, left)
             left -= step
