@@ -14,6 +14,10 @@ injectors through its seams (``nexfs.tools.mount.Seams``)::
   name, among their arguments): a bug in the filesystem seen from the kernel, to prove that a
   failing request answers EIO and leaves the mount up.
 
+* ``--shared``: the target is opened without the valve's lock, as tests/shareddev.py's
+  unlocked image that stands for a network export (``block_info().exclusive`` False), so that
+  two daemons can mount one image and the multi-mount protection is what stops them.
+
 The daemon logs a warning saying which fault is active.  A malformed specification exits with
 status 2 before anything is mounted.
 """
@@ -27,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from faultdev import FaultDevice, parse_spec
+from shareddev import open_shared
 
 from nexfs.fuse.adapter import FuseAdapter
 from nexfs.tools.mount import EXIT_USAGE, Seams, main
@@ -83,8 +88,13 @@ def adapter_seam(spec: str) -> Callable[[Any, bool], Any]:
 
 def run(argv: list[str]) -> int:
     device = adapter = None
+    opener = None
     try:
-        while argv and argv[0] in ("--device-fault", "--handler-fault"):
+        while argv and argv[0] in ("--device-fault", "--handler-fault", "--shared"):
+            if argv[0] == "--shared":
+                opener = open_shared
+                argv = argv[1:]
+                continue
             if len(argv) < 2:
                 raise ValueError(f"{argv[0]} needs a specification")
             if argv[0] == "--device-fault":
@@ -97,7 +107,7 @@ def run(argv: list[str]) -> int:
         return EXIT_USAGE
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    return main(argv, Seams(device=device, adapter=adapter))
+    return main(argv, Seams(device=device, adapter=adapter, open_device=opener))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ like a valve grant (sector size 512 or 4096), stores sectors sparsely (a 1 TiB d
 only what has been written), and tracks durability: a write is *volatile* until a write with
 ``durable=True`` completes, which makes it and every earlier write durable.  :meth:`crash`
 returns the device as it could look after a power cut (see tests/crashsim.py for the full
-crash model), and ``fail_after_writes`` injects device errors.
+crash model), and ``fail_after_writes`` injects device errors.  ``exclusive=False`` makes
+``block_info`` say what a network export says: no lock protects the device (the filesystem's
+multi-mount protection must).
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ class MemDevice:
     """Sparse in-memory disk.  ``sectors`` is the current view, ``durable`` what survives."""
 
     def __init__(self, total_sectors: int, sector_size: int = 4096, *,
-                 sectors: dict[int, bytes] | None = None) -> None:
+                 sectors: dict[int, bytes] | None = None, exclusive: bool = True) -> None:
         if sector_size not in (512, 4096):
             raise ValueError("sector size must be 512 or 4096")
         self.sector_size = sector_size
         self.total_sectors = total_sectors
+        self.exclusive = exclusive
         self.sectors: dict[int, bytes] = dict(sectors) if sectors else {}
         self.durable: dict[int, bytes] = dict(self.sectors)
         self.volatile: list[tuple[int, list[bytes]]] = []  # writes since the last barrier
@@ -54,13 +57,14 @@ class MemDevice:
         self.fail_reads: set[int] = set()  # sector numbers whose read fails with EIO
 
     @classmethod
-    def of_size(cls, nbytes: int, sector_size: int = 4096) -> MemDevice:
-        return cls(nbytes // sector_size, sector_size)
+    def of_size(cls, nbytes: int, sector_size: int = 4096, *,
+                exclusive: bool = True) -> MemDevice:
+        return cls(nbytes // sector_size, sector_size, exclusive=exclusive)
 
     # -- the valve interface -----------------------------------------------------------------
 
     def block_info(self) -> BlockInfo:
-        return BlockInfo(self.sector_size, self.total_sectors)
+        return BlockInfo(self.sector_size, self.total_sectors, self.exclusive)
 
     def _check(self, lba: int, count: int) -> None:
         if count < 1 or lba < 0 or lba + count > self.total_sectors:
@@ -113,7 +117,8 @@ class MemDevice:
 
     def snapshot(self) -> MemDevice:
         """A fully durable copy of the current contents."""
-        return MemDevice(self.total_sectors, self.sector_size, sectors=self.sectors)
+        return MemDevice(self.total_sectors, self.sector_size, sectors=self.sectors,
+                         exclusive=self.exclusive)
 
     def crash(self, rng: random.Random | None = None, *, keep: float = 0.5,
               tear: float = 0.3) -> MemDevice:
@@ -124,7 +129,8 @@ class MemDevice:
         image = dict(self.durable)
         if rng is not None:
             apply_writes(image, self.volatile, rng, keep=keep, tear=tear)
-        return MemDevice(self.total_sectors, self.sector_size, sectors=image)
+        return MemDevice(self.total_sectors, self.sector_size, sectors=image,
+                         exclusive=self.exclusive)
 
     def image_bytes(self) -> bytes:
         """The whole current contents (only sensible for small devices)."""

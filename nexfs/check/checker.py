@@ -33,6 +33,7 @@ from nexfs.ondisk.layout import SUMMARY_ENTRIES
 from nexfs.ondisk.metablock import BLOCK_SIZE, HEADER, MetaBlock
 from nexfs.ondisk.xattr_tree import XattrStore
 from nexfs.store.blockdev import BlockDev
+from nexfs.store.mmp import MmpRecord
 from nexfs.store.store import Store
 from nexfs.store.volume import superblock_copies
 from nexfs.types import BlockNo, CorruptionError, FsError, InodeNo
@@ -205,10 +206,24 @@ class _Scanner:
 
     # -- pass 1 -----------------------------------------------------------------------------
 
+    def _check_mmp(self) -> None:
+        """The MMP block is in use (mkfs marked it) and must decode; fsck -y rewrites it when
+        it releases its claim (nexfs/store/mmp.py), which is the repair."""
+        sb = self.store.sb
+        if not sb.mmp:
+            return
+        self._claim(sb.mmp_block, 1)
+        try:
+            MmpRecord.decode(self.store.bdev.read_blocks(sb.mmp_block, 1), sb.volume_seed,
+                             sb.mmp_block)
+        except (CorruptionError, OSError) as exc:
+            self.out.problem(f"multi-mount protection block: {exc}")
+
     def pass1(self) -> None:
         geo = self.geo
         self._claim(0, geo.data_start)
         self._claim(geo.backup_sb, 1)
+        self._check_mmp()
         inodes = self.store.inodes
         unvouched: list[int] = []
         for g in range(inodes.ngroups):

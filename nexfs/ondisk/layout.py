@@ -42,10 +42,14 @@ STATE_CLEAN = 1
 STATE_DIRTY = 2  # mounted writable, or not cleanly unmounted
 STATE_ERROR = 4  # an integrity failure was seen: run fsck
 
-# Feature flags.  None are defined in format version 1; a volume carrying an unknown
-# incompat bit must not be mounted, an unknown ro_compat bit allows read-only mounts only.
+# Feature flags.  A volume carrying an unknown incompat bit must not be mounted, an unknown
+# ro_compat bit allows read-only mounts only.
+FEATURE_INCOMPAT_MMP = 1
+"""Multi-mount protection (nexfs/store/mmp.py): ``mmp_block`` and ``mmp_interval`` are set.
+Incompat, as in ext4: code that does not know the MMP block would neither honour it nor keep
+fsck from freeing it."""
 FEATURE_COMPAT_SUPPORTED = 0
-FEATURE_INCOMPAT_SUPPORTED = 0
+FEATURE_INCOMPAT_SUPPORTED = FEATURE_INCOMPAT_MMP
 FEATURE_RO_COMPAT_SUPPORTED = 0
 
 BITS_PER_BITMAP_BLOCK = (BLOCK_SIZE - HEADER_SIZE) * 8  # 32512
@@ -188,7 +192,7 @@ class Geometry:
         return blkno < self.data_start or blkno == self.backup_sb
 
 
-# Superblock: see docs/FORMAT.md for the table.  Fields after offset 416 are reserved (zero).
+# Superblock: see docs/FORMAT.md for the table.  Fields after offset 432 are reserved (zero).
 _SB = struct.Struct(
     "<8sIIIIQQ"  # magic, crc, version, block_size, sector_size, nblocks, ninodes       0..40
     "IIII"  # feature compat, incompat, ro_compat, state                                 40..56
@@ -200,8 +204,9 @@ _SB = struct.Struct(
     "Q"  # journal tid: the tid the journal's first transaction must carry              328..336
     "QQ"  # informational free blocks, free inodes                                      336..352
     "64s"  # error reason                                                               352..416
+    "QII"  # MMP block, MMP update interval (ms), reserved                             416..432
 )
-assert _SB.size == 416
+assert _SB.size == 432
 SB_CRC_OFFSET = 8
 
 
@@ -242,6 +247,8 @@ class Superblock:
     journal_tid: int = 1
     free_blocks: int = 0
     free_inodes: int = 0
+    mmp_block: int = 0
+    mmp_interval: int = 0
     volume_seed: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -263,7 +270,7 @@ class Superblock:
             g.data_start, g.backup_sb,
             self.mkfs_time, self.mount_time, self.write_time, self.check_time,
             self.mount_count, 0, self.journal_tid, self.free_blocks, self.free_inodes,
-            _pad_text(self.error_reason, REASON_MAX),
+            _pad_text(self.error_reason, REASON_MAX), self.mmp_block, self.mmp_interval, 0,
         )
         checksum.seal(out, SB_CRC_OFFSET, self.volume_seed, blkno)
         return out
@@ -305,6 +312,7 @@ class Superblock:
             state=state, error_reason=_unpad_text(f[40]), generation=generation,
             mkfs_time=f[31], mount_time=f[32], write_time=f[33], check_time=f[34],
             mount_count=f[35], journal_tid=f[37], free_blocks=f[38], free_inodes=f[39],
+            mmp_block=f[41], mmp_interval=f[42],
         )
         if sb.journal_tid < 1:
             raise CorruptionError(blkno, "superblock", "journal tid 0")
@@ -313,7 +321,16 @@ class Superblock:
         if sb.journal_tid >= 1 << 63 or generation >= 1 << 63:
             raise CorruptionError(blkno, "superblock", "generation or journal tid out of "
                                                        "range")
+        if incompat & FEATURE_INCOMPAT_MMP and not (
+                geo.data_start <= sb.mmp_block < geo.backup_sb and sb.mmp_interval > 0):
+            raise CorruptionError(blkno, "superblock", f"MMP block {sb.mmp_block} outside the "
+                                                       f"data area or MMP interval 0")
         return sb
+
+    @property
+    def mmp(self) -> bool:
+        """Whether the volume has multi-mount protection (its MMP block is ``mmp_block``)."""
+        return bool(self.feature_incompat & FEATURE_INCOMPAT_MMP)
 
     @property
     def hash_key(self) -> bytes:

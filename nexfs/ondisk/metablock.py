@@ -42,6 +42,7 @@ MAGIC_ISUMMARY = 0x53495846  # "FXIS": free-count summary of inode bitmap blocks
 # that no two structures can ever be confused.
 MAGIC_JDESC = 0x444A5846  # "FXJD": journal descriptor block
 MAGIC_JCOMMIT = 0x434A5846  # "FXJC": journal commit block
+MAGIC_MMP = 0x504D5846  # "FXMP": multi-mount protection block (nexfs/store/mmp.py)
 
 M = TypeVar("M", bound="MetaBlock")
 

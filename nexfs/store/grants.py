@@ -20,6 +20,9 @@ superblock.  A read-only store (``fsck -n``, ``nexfs info``, read-only mounts, a
 opened in the error state) gets the same windows with READ only: every write it attempts is
 refused by the valve.  A refused write is an ``OSError`` (``CapabilityError``, EPERM) like
 any device error, so it takes the store's normal failure path (error state, read-only).
+
+A volume with multi-mount protection has its MMP block cut out of the meta and data write
+windows: only the MMP keeper's own one-block grant (nexfs/store/mmp.py) writes it.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ class Grants:
     data: BlockDev
 
 
-def derive(bdev: BlockDev, geo: Geometry, *, writable: bool) -> Grants:
-    """Restrict ``bdev`` (a whole-device view) to the grants of a volume laid out as ``geo``.
+def derive(bdev: BlockDev, geo: Geometry, *, writable: bool, mmp_block: int = 0) -> Grants:
+    """Restrict ``bdev`` (a whole-device view) to the grants of a volume laid out as ``geo``
+    (``mmp_block``: its MMP block, or 0 for none).
 
     Raises ``CapabilityError`` when ``writable`` is asked of a read-only capability.
     """
@@ -50,7 +54,17 @@ def derive(bdev: BlockDev, geo: Geometry, *, writable: bool) -> Grants:
     data = (geo.data_start, geo.backup_sb)
 
     def w(*windows: tuple[int, int]) -> tuple[tuple[int, int], ...]:
-        return windows if writable else ()
+        if not writable:
+            return ()
+        if not mmp_block:
+            return windows
+        out: list[tuple[int, int]] = []
+        for lo, hi in windows:  # the MMP block is cut out of any window holding it
+            if lo <= mmp_block < hi:
+                out += [win for win in ((lo, mmp_block), (mmp_block + 1, hi)) if win[0] < win[1]]
+            else:
+                out.append((lo, hi))
+        return tuple(out)
 
     return Grants(
         superblocks=bdev.scoped(device, w((SB_PRIMARY, SB_PRIMARY + 1),

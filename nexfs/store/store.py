@@ -156,7 +156,8 @@ class Store:
         self.sb = sb
         self.geo: Geometry = sb.geo
         # Each part gets only its grants (nexfs/store/grants.py); the whole-device view is dropped.
-        self.grants = grants = derive(bdev, self.geo, writable=not read_only)
+        self.grants = grants = derive(bdev, self.geo, writable=not read_only,
+                                      mmp_block=sb.mmp_block if sb.mmp else 0)
         self.bdev = grants.meta
         self.volume_seed = sb.volume_seed
         self._opened_read_only = read_only
@@ -199,9 +200,11 @@ class Store:
 
     @staticmethod
     def format(dev: BlockDevice, *, label: str = "", uuid: bytes | None = None,
-               ninodes: int | None = None, progress: Progress | None = None) -> None:
+               ninodes: int | None = None, progress: Progress | None = None,
+               mmp: bool | None = None, mmp_interval_ms: int | None = None) -> None:
         """Write an empty volume over the whole device (see nexfs/store/volume.py)."""
-        format_volume(dev, label=label, uuid=uuid, ninodes=ninodes, progress=progress)
+        format_volume(dev, label=label, uuid=uuid, ninodes=ninodes, progress=progress,
+                      mmp=mmp, mmp_interval_ms=mmp_interval_ms)
 
     @classmethod
     def open(cls, dev: BlockDevice, *, read_only: bool = False,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from nexfs.ondisk import checksum
 from nexfs.ondisk.bitmap import BPB, UNINIT, BitmapBlock, SummaryBlock, range_mask
 from nexfs.ondisk.layout import (
+    FEATURE_INCOMPAT_MMP,
     INODES_PER_BLOCK,
     SB_PRIMARY,
     STATE_BLOCK,
@@ -75,21 +76,36 @@ def _bitmap_plan(nitems: int, used: list[tuple[int, int]]) -> tuple[dict[int, in
 
 
 def format_volume(dev: BlockDevice, *, label: str = "", uuid: bytes | None = None,
-                  ninodes: int | None = None, progress: Progress | None = None) -> Superblock:
+                  ninodes: int | None = None, progress: Progress | None = None,
+                  mmp: bool | None = None, mmp_interval_ms: int | None = None) -> Superblock:
     """Write an empty NexFS volume over the whole device; returns its superblock.
 
     The root directory and lost+found are not created here: the filesystem layer creates
-    them through an ordinary Store afterwards.
+    them through an ordinary Store afterwards.  ``mmp``: give the volume multi-mount
+    protection (nexfs/store/mmp.py); None (the default) gives it to a device no lock protects
+    (``block_info().exclusive`` False).  Its block is the last data block, marked in use,
+    written clean; ``mmp_interval_ms`` is its update interval (default 5 s).
     """
+    from nexfs.store.mmp import DEFAULT_INTERVAL_MS, MAX_INTERVAL_MS, MIN_INTERVAL_MS, clean_block
+
     check_label(label)
     if uuid is not None and len(uuid) != 16:
         raise FsError(errno.EINVAL, "uuid must be 16 bytes")
     bdev = BlockDev(dev)
     geo = Geometry.compute(bdev.nblocks, ninodes)
+    if mmp is None:
+        mmp = not getattr(dev.block_info(), "exclusive", True)
+    interval = DEFAULT_INTERVAL_MS if mmp_interval_ms is None else mmp_interval_ms
+    if not MIN_INTERVAL_MS <= interval <= MAX_INTERVAL_MS:
+        raise FsError(errno.EINVAL, f"MMP interval of {interval} ms is outside "
+                                    f"{MIN_INTERVAL_MS}..{MAX_INTERVAL_MS} ms")
     now = time.time_ns()
     sb = Superblock(geo=geo, uuid=uuid or os.urandom(16), dir_hash_key=os.urandom(16),
                     label=label, sector_size=bdev.sector_size, state=STATE_CLEAN,
                     mkfs_time=now, write_time=now, journal_tid=1)
+    if mmp:
+        sb.feature_incompat |= FEATURE_INCOMPAT_MMP
+        sb.mmp_block, sb.mmp_interval = geo.backup_sb - 1, interval
     seed = sb.volume_seed
 
     # Old superblocks go first (durably), so that a crash half-way through mkfs cannot leave
@@ -102,7 +118,8 @@ def format_volume(dev: BlockDevice, *, label: str = "", uuid: bytes | None = Non
                durable=True)
 
     blocks: list[tuple[int, Filler]] = []
-    bgroups, bentries = _bitmap_plan(geo.nblocks, [(0, geo.data_start), (geo.backup_sb, 1)])
+    tail = (geo.backup_sb - 1, 2) if mmp else (geo.backup_sb, 1)  # MMP block, backup
+    bgroups, bentries = _bitmap_plan(geo.nblocks, [(0, geo.data_start), tail])
     igroups, ientries = _bitmap_plan(geo.ninodes + 1, [(0, 1)])
     for groups, entries, bstart, sstart, magic, smagic in (
         (bgroups, bentries, geo.bbitmap_start, geo.bsummary_start, MAGIC_BITMAP,
@@ -118,10 +135,12 @@ def format_volume(dev: BlockDevice, *, label: str = "", uuid: bytes | None = Non
             chunk += [0] * (SUMMARY_ENTRIES - len(chunk))
             blk = SummaryBlock(BlockNo(sstart + s), smagic, s, chunk)
             blocks.append((sstart + s, _encoder(blk, seed)))
-    free_blocks = geo.nblocks - geo.data_start - 1
+    free_blocks = geo.nblocks - geo.data_start - tail[1]
     state = StateBlock(free_blocks=free_blocks, free_inodes=geo.ninodes,
                        data_hint=geo.data_start, meta_hint=geo.data_start, inode_hint=1)
     blocks.append((state.blkno, _encoder(state, seed)))
+    if mmp:
+        blocks.append((sb.mmp_block, copy_filler(clean_block(sb))))
 
     total, done = len(blocks), 0
 

@@ -17,6 +17,7 @@ commands:
   mkfs   TARGET        format an image file or block device   (same as mkfs.nexfs)
   fsck   TARGET        check and repair a volume               (same as fsck.nexfs)
   info   TARGET        print the superblock in human terms
+  tune   -O mmp TARGET change a volume's features (multi-mount protection)
   mount  TARGET DIR    mount a volume                          (same as mount.nexfs)
   bench  [--quick]     run the benchmark suite
 
@@ -24,7 +25,8 @@ Run 'nexfs COMMAND --help' for a command's options.
 """
 
 
-COMMANDS = {"mkfs": "mkfs", "fsck": "fsck", "info": "info", "mount": "mount", "bench": "bench"}
+COMMANDS = {"mkfs": "mkfs", "fsck": "fsck", "info": "info", "mount": "mount", "bench": "bench",
+            "tune": "tune"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("-p", "--preen", action="store_true", help="repair automatically (as -y)")
     parser.add_argument("-f", "--force", action="store_true",
                         help="check even if the volume is marked clean")
+    parser.add_argument("--clear-mmp", action="store_true",
+                        help="repair even though the multi-mount protection block says "
+                        "fsck.nexfs is running elsewhere (say so only when it is not)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help=f"list every problem found (not only the first {MAX_SHOWN})")
     parser.add_argument("target", metavar="TARGET", help="image file or block device")
@@ -87,6 +90,19 @@ def _open(dev: object, *, read_only: bool) -> Store:
 
 
 @contextlib.contextmanager
+def _claimed(dev: object, args: argparse.Namespace) -> Iterator[None]:
+    """A repairing run holds the volume's multi-mount protection block (nexfs/store/mmp.py) with
+    the fsck sequence, so no node mounts it meanwhile, and marks it clean when done; a run
+    that fails half-way leaves it claimed (the volume needs another fsck first)."""
+    from nexfs.store.mmp import open_claim
+
+    mmp = open_claim(dev, device=args.target, fsck=True, clear=args.clear_mmp)
+    yield
+    if mmp is not None:
+        mmp.release()
+
+
+@contextlib.contextmanager
 def _opened(dev: object, *, read_only: bool) -> Iterator[Store]:
     """The store, closed (committed, marked clean) after success; dropped without writing
     anything more if the check or the repair fails half-way."""
@@ -103,7 +119,8 @@ def check(args: argparse.Namespace) -> int:
     repair = args.yes or args.preen
     report = Report(args.verbose)
     started = time.monotonic()
-    with open_device(args.target, read_only=not repair) as dev:
+    with open_device(args.target, read_only=not repair) as dev, \
+            _claimed(dev, args) if repair else contextlib.nullcontext():
         # Before the store: opening it writable rewrites both superblock copies.  It only
         # looks, so it gets a read-only view even when fsck repairs.
         sb_problems = superblock_problems(BlockDev(dev).read_only())

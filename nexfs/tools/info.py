@@ -43,6 +43,25 @@ def describe_state(state: int, reason: str) -> str:
     return f"unknown ({state:#x})"
 
 
+def describe_mmp(store: Store) -> str:
+    """The MMP feature and who holds the block now (nexfs/store/mmp.py)."""
+    from nexfs.store.mmp import SEQ_CLEAN, SEQ_FSCK, MmpRecord
+
+    sb = store.sb
+    if not sb.mmp:
+        return "off"
+    head = f"block {sb.mmp_block}, every {sb.mmp_interval / 1000:g} s"
+    try:
+        rec = MmpRecord.decode(store.bdev.read_blocks(sb.mmp_block, 1), sb.volume_seed,
+                               sb.mmp_block)
+    except (CorruptionError, OSError) as exc:
+        return f"{head}; block unreadable ({exc})"
+    if rec.seq == SEQ_CLEAN:
+        return f"{head}; not in use"
+    what = "fsck.nexfs on" if rec.seq == SEQ_FSCK else "in use by"
+    return f"{head}; {what} {rec.who}, last written {_when(rec.time_ns)}"
+
+
 def show(target: str) -> int:
     with open_device(target, read_only=True) as dev:
         try:
@@ -77,6 +96,7 @@ def show(target: str) -> int:
                 ("Last written", _when(sb.write_time)),
                 ("Last checked", _when(sb.check_time)),
                 ("Mount count", str(sb.mount_count)),
+                ("Multi-mount protection", describe_mmp(store)),
             ]
         finally:
             store.close()

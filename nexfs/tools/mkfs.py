@@ -34,7 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", "-f", action="store_true",
                         help="overwrite an existing filesystem")
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    parser.add_argument("-O", dest="features", action="append", default=[], metavar="FEATURES",
+                        help="comma-separated features to turn on, or off with a leading ^: "
+                        "mmp (multi-mount protection; on by default for a device no lock "
+                        "protects, such as a network export)")
+    parser.add_argument("--mmp-interval", metavar="SECONDS", type=float,
+                        help="how often a mount rewrites the multi-mount protection block "
+                        "(default 5; a mount waits 2 x this + 1 s before claiming the volume)")
     return parser
+
+
+def parse_features(texts: list[str]) -> dict[str, bool]:
+    """``-O mmp,^foo`` -> {"mmp": True, "foo": False}; UsageError for an unknown feature."""
+    out: dict[str, bool] = {}
+    for text in texts:
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            name = item.lstrip("^")
+            if name != "mmp":
+                raise UsageError(f"unknown feature {name!r} (known: mmp)", 1)
+            out[name] = not item.startswith("^")
+    return out
 
 
 def existing_filesystem(path: str) -> str | None:
@@ -75,6 +94,15 @@ def format_target(args: argparse.Namespace) -> int:
             raise UsageError(f"size {args.size} is too small (the minimum is 16M)", 1)
     if len(args.label.encode()) > 64:
         raise UsageError("label is longer than 64 bytes", 1)
+    from nexfs.store.mmp import MAX_INTERVAL_MS, MIN_INTERVAL_MS
+
+    mmp = parse_features(args.features).get("mmp")
+    interval_ms = None
+    if args.mmp_interval is not None:
+        interval_ms = round(args.mmp_interval * 1000)
+        if not MIN_INTERVAL_MS <= interval_ms <= MAX_INTERVAL_MS:
+            raise UsageError(f"--mmp-interval must be between {MIN_INTERVAL_MS / 1000} and "
+                             f"{MAX_INTERVAL_MS // 1000} seconds", 1)
 
     created = False
     if not os.path.exists(path):
@@ -118,7 +146,8 @@ def format_target(args: argparse.Namespace) -> int:
                     total = info.sector_size * info.total_sectors
                     print(f"Creating NexFS volume on {path}: {total / (1 << 30):.2f} GiB, "
                           f"{info.sector_size}-byte sectors")
-                FileSystem.format(dev, label=args.label, progress=progress)
+                FileSystem.format(dev, label=args.label, progress=progress, mmp=mmp,
+                                  mmp_interval_ms=interval_ms)
         except UsageError as exc:
             exc.code = 1
             raise

@@ -105,10 +105,14 @@ class Seams:
     ``device(capability, read_only)`` returns what the filesystem is opened on: the valve
     capability itself or an object with the same interface around it.
     ``adapter(filesystem, debug)`` returns the pyfuse3 operations object (by default a
-    :class:`nexfs.fuse.adapter.FuseAdapter`)."""
+    :class:`nexfs.fuse.adapter.FuseAdapter`).
+    ``open_device(target, read_only)`` opens the target in place of ``valve.Valve.open``
+    (an object with ``grant(rights)`` and ``close()``): the tests' unlocked image, which
+    stands for a network export in the multi-mount protection tests."""
 
     device: Callable[[Any, bool], Any] | None = None
     adapter: Callable[[Any, bool], Any] | None = None
+    open_device: Callable[[str, bool], Any] | None = None
 
 
 NO_SEAMS = Seams()
@@ -407,18 +411,24 @@ def fuse_options(config: MountConfig, *, read_only: bool) -> set[str]:
     return options
 
 
-def open_volume(config: MountConfig, seams: Seams = NO_SEAMS) -> tuple[Any, Any]:
+def open_volume(config: MountConfig, seams: Seams = NO_SEAMS) -> tuple[Any, Any, Any]:
     """Open the image through the valve and the filesystem on it (replaying the journal if
     the volume was not unmounted cleanly), on ``seams.device``'s wrapper of the capability
-    if there is one.  Returns (valve, filesystem)."""
+    if there is one.  A writable open first claims the volume's multi-mount protection
+    block (nexfs/store/mmp.py), which may wait.  Returns (valve, filesystem, the claimed
+    :class:`~nexfs.store.mmp.Mmp` or None)."""
     from nexfs.core.fs import FileSystem
     from nexfs.ondisk.layout import NotNexfsError
+    from nexfs.store.mmp import MmpBusy, Unprotected, open_claim
     from nexfs.tools.common import describe_os_error
     from nexfs.types import CorruptionError, FsError
     from valve import DeviceBusyError, Rights, Valve
 
     try:
-        valve = Valve.open(config.image, read_only=config.read_only)
+        if seams.open_device is not None:
+            valve = seams.open_device(config.image, config.read_only)
+        else:
+            valve = Valve.open(config.image, read_only=config.read_only)
     except DeviceBusyError as exc:
         raise MountError(f"{exc}; is it already mounted? (see /proc/mounts)") from None
     except OSError as exc:
@@ -428,10 +438,25 @@ def open_volume(config: MountConfig, seams: Seams = NO_SEAMS) -> tuple[Any, Any]
         cap = valve.grant(rights)
         if seams.device is not None:
             cap = seams.device(cap, config.read_only)
-        fs = FileSystem.open(cap, read_only=config.read_only,
-                             cache_blocks=config.cache_blocks,
-                             data_cache_blocks=config.data_cache_blocks, atime=config.atime,
-                             acl=config.acl)
+        mmp = None if config.read_only else open_claim(cap, device=config.image)
+        try:
+            with mmp.keeping() if mmp is not None else contextlib.nullcontext():
+                fs = FileSystem.open(cap, read_only=config.read_only,
+                                     cache_blocks=config.cache_blocks,
+                                     data_cache_blocks=config.data_cache_blocks,
+                                     atime=config.atime, acl=config.acl)
+        except BaseException:
+            if mmp is not None:  # not mounted after all: the next mount need not wait
+                with contextlib.suppress(OSError):
+                    mmp.release()
+            raise
+        if mmp is not None and mmp.seq is None:
+            # Lost while the journal was replayed: stop writing before anything else runs.
+            fs.failures.enter("multi-mount protection: the volume was claimed by another "
+                              "node while it was being opened")
+    except (MmpBusy, Unprotected) as exc:
+        valve.close()
+        raise MountError(f"{config.image}: {exc}") from None
     except NotNexfsError:
         valve.close()
         raise MountError(f"{config.image} is not a NexFS volume (mkfs.nexfs makes one)") from None
@@ -450,15 +475,18 @@ def open_volume(config: MountConfig, seams: Seams = NO_SEAMS) -> tuple[Any, Any]
     except BaseException:
         valve.close()
         raise
-    return valve, fs
+    return valve, fs, mmp
 
 
-async def _serve_loop(ops: Any, config: MountConfig, stop: StopRequest) -> None:
+async def _serve_loop(ops: Any, config: MountConfig, stop: StopRequest, mmp: Any,
+                      on_lost: Callable[[str], None]) -> None:
     import trio
 
     from nexfs.fuse import loop as fuseloop
 
     async with trio.open_nursery() as nursery:
+        if mmp is not None:
+            nursery.start_soon(mmp.keep, on_lost)
         if config.commit_interval is None:
             nursery.start_soon(ops.commit_periodically)
         else:
@@ -487,7 +515,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None],
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = StopRequest(signals)
     with stop.installed():
-        valve, fs = open_volume(config, seams)
+        valve, fs, mmp = open_volume(config, seams)
         code = EXIT_OK
         try:
             if seams.adapter is not None:
@@ -518,7 +546,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None],
                      " (read-only)" if fs.read_only else "")
             ready(note)
             try:
-                trio.run(_serve_loop, ops, config, stop)
+                trio.run(_serve_loop, ops, config, stop, mmp, fs.failures.enter)
             except Exception:
                 log.exception("the FUSE main loop failed")
                 code = EXIT_INTERNAL
@@ -534,7 +562,14 @@ def serve(config: MountConfig, ready: Callable[[str | None], None],
                 log.exception("closing the volume failed")
                 code = EXIT_INTERNAL
             finally:
-                valve.close()
+                try:
+                    if mmp is not None:
+                        mmp.release()  # nothing more is written: others may claim it
+                except OSError as exc:
+                    log.error("could not mark the multi-mount protection block clean: %s "
+                              "(the next mount waits for it)", exc)
+                finally:
+                    valve.close()
         if code == EXIT_OK and fs.error:
             log.error("unmounted %s; the volume needs fsck: %s", config.image, fs.error)
             return EXIT_NEEDS_FSCK
