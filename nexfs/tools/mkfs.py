@@ -56,6 +56,19 @@ def parse_features(texts: list[str]) -> dict[str, bool]:
     return out
 
 
+def mmp_interval_ms(seconds: float | None) -> int | None:
+    """``--mmp-interval S`` in milliseconds (None when not given); UsageError out of range."""
+    from nexfs.store.mmp import MAX_INTERVAL_MS, MIN_INTERVAL_MS
+
+    if seconds is None:
+        return None
+    interval_ms = round(seconds * 1000)
+    if not MIN_INTERVAL_MS <= interval_ms <= MAX_INTERVAL_MS:
+        raise UsageError(f"--mmp-interval must be between {MIN_INTERVAL_MS / 1000} and "
+                         f"{MAX_INTERVAL_MS // 1000} seconds", 1)
+    return interval_ms
+
+
 def existing_filesystem(path: str) -> str | None:
     """A description of a filesystem already on ``path``, or None."""
     from nexfs.ondisk.layout import probe_superblock
@@ -94,15 +107,8 @@ def format_target(args: argparse.Namespace) -> int:
             raise UsageError(f"size {args.size} is too small (the minimum is 16M)", 1)
     if len(args.label.encode()) > 64:
         raise UsageError("label is longer than 64 bytes", 1)
-    from nexfs.store.mmp import MAX_INTERVAL_MS, MIN_INTERVAL_MS
-
     mmp = parse_features(args.features).get("mmp")
-    interval_ms = None
-    if args.mmp_interval is not None:
-        interval_ms = round(args.mmp_interval * 1000)
-        if not MIN_INTERVAL_MS <= interval_ms <= MAX_INTERVAL_MS:
-            raise UsageError(f"--mmp-interval must be between {MIN_INTERVAL_MS / 1000} and "
-                             f"{MAX_INTERVAL_MS // 1000} seconds", 1)
+    interval_ms = mmp_interval_ms(args.mmp_interval)
 
     created = False
     if not os.path.exists(path):

@@ -24,15 +24,13 @@ from nexfs.ondisk.layout import FEATURE_INCOMPAT_MMP, STATE_CLEAN
 from nexfs.store.blockdev import BlockDev
 from nexfs.store.mmp import (
     DEFAULT_INTERVAL_MS,
-    MAX_INTERVAL_MS,
-    MIN_INTERVAL_MS,
     clean_block,
     open_claim,
 )
 from nexfs.store.store import Store
 from nexfs.store.volume import superblock_copies
 from nexfs.tools.common import ArgumentParser, UsageError, open_device, run_tool
-from nexfs.tools.mkfs import parse_features
+from nexfs.tools.mkfs import mmp_interval_ms, parse_features
 from nexfs.types import BlockNo, CorruptionError
 
 PROG = "nexfs tune"
@@ -54,12 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def tune(args: argparse.Namespace) -> int:
     want = parse_features(args.features).get("mmp")
-    interval_ms = None
-    if args.mmp_interval is not None:
-        interval_ms = round(args.mmp_interval * 1000)
-        if not MIN_INTERVAL_MS <= interval_ms <= MAX_INTERVAL_MS:
-            raise UsageError(f"--mmp-interval must be between {MIN_INTERVAL_MS / 1000} and "
-                             f"{MAX_INTERVAL_MS // 1000} seconds", 1)
+    interval_ms = mmp_interval_ms(args.mmp_interval)
     if want is None and interval_ms is None:
         raise UsageError("nothing to change: give -O mmp, -O ^mmp or --mmp-interval", 1)
     with open_device(args.target, read_only=False) as dev:
