@@ -6,7 +6,7 @@ a request is the kernel's FUSE round trip and pyfuse3's Python, which every pyfu
 filesystem pays.  ``nexfs bench`` mounts it as the "ceiling" system next to NexFS and
 states NexFS's figures as fractions of it (docs/BENCHMARKS.md).
 
-It is served the way NexFS serves (the same request loop, nexfs/fuseloop.py, the same
+It is served the way NexFS serves (the same request loop, nexfs/fuse/loop.py, the same
 writeback cache and ``default_permissions``) and with the cheapest answers pyfuse3 allows:
 a file opened with O_DIRECT gets FUSE direct I/O (one WRITE per write(2), no page cache),
 reads answer with a memoryview of a zero buffer, and xattrs are not implemented, so the
@@ -35,7 +35,7 @@ if __package__ in (None, ""):
     # Run as a script from bench/: the checkout root holds the nexfs package.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nexfs.fuseloop import serve
+from nexfs.fuse.loop import serve
 
 ROOT = pyfuse3.ROOT_INODE
 ZEROS = memoryview(bytes(1 << 20))

@@ -1,4 +1,4 @@
-"""The ``nexfs`` command: ``nexfs mkfs|fsck|info|mount|bench ...``.
+"""The ``nexfs`` command: ``nexfs mkfs|fsck|info|mount|bench|stats ...``.
 
 Also the helper that ``mount -t fuse.nexfs SOURCE DIR`` runs: mount.fuse3 calls
 ``nexfs SOURCE DIR -o OPTIONS``, which is passed on to mount.nexfs.
@@ -19,12 +19,14 @@ commands:
   info   TARGET        print the superblock in human terms
   mount  TARGET DIR    mount a volume                          (same as mount.nexfs)
   bench  [--quick]     run the benchmark suite
+  stats  MOUNTPOINT    live statistics of a mounted volume (--json, --watch)
 
 Run 'nexfs COMMAND --help' for a command's options.
 """
 
 
-COMMANDS = {"mkfs": "mkfs", "fsck": "fsck", "info": "info", "mount": "mount", "bench": "bench"}
+COMMANDS = {"mkfs": "mkfs", "fsck": "fsck", "info": "info", "mount": "mount", "bench": "bench",
+            "stats": "stats"}
 
 
 def main(argv: list[str] | None = None) -> int:
