@@ -92,7 +92,9 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
         if self.debug:
             log.debug("%s(%s)", op, ", ".join(_brief(a) for a in args))
         stats = self.stats
-        stats.enter()
+        stats.in_flight += 1
+        if stats.in_flight > stats.in_flight_max:
+            stats.in_flight_max = stats.in_flight
         failed = True
         start = _clock()
         try:
@@ -103,8 +105,7 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
         except Exception as exc:
             raise pyfuse3.FUSEError(self.errno_of(op, exc)) from None
         finally:
-            stats.op(counted).add(_clock() - start, failed)
-            stats.in_flight -= 1
+            stats.record(counted, _clock() - start, failed)
         if self.debug:
             log.debug("%s -> %s", op, _brief(result))
         return result
@@ -278,7 +279,8 @@ class FuseAdapter(pyfuse3.Operations):
         try:
             self._forget(inode_list)
         finally:
-            self.stats.op("forget").add(_clock() - start, False)
+            self.stats.in_flight += 1  # record() counts it out again
+            self.stats.record("forget", _clock() - start, False)
 
     def _forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         if self.debug:

@@ -86,13 +86,18 @@ class OpStats:
         self.hist = [0] * NBUCKETS
 
     def add(self, ns: int, failed: bool) -> None:
-        """Record one request that took ``ns`` (the hot path: keep it this short)."""
+        """Record one request that took ``ns`` (the hot path: keep it this short; the
+        bucket is :func:`bucket`, inlined)."""
         self.count += 1
         self.errors += failed
         self.total_ns += ns
         if ns > self.max_ns:
             self.max_ns = ns
-        self.hist[bucket(ns)] += 1
+        if ns < 8:
+            self.hist[max(ns, 0)] += 1
+        else:
+            shift = ns.bit_length() - 3
+            self.hist[(shift << 2) + (ns >> shift)] += 1
 
     def snapshot(self) -> dict[str, Any]:
         hist = {i: n for i, n in enumerate(self.hist) if n}
@@ -131,10 +136,23 @@ class Stats:
             rec = self.ops[name] = OpStats()
         return rec
 
-    def enter(self) -> None:
-        self.in_flight += 1
-        if self.in_flight > self.in_flight_max:
-            self.in_flight_max = self.in_flight
+    def record(self, name: str, ns: int, failed: bool) -> None:
+        """One request of operation ``name`` finished after ``ns``."""
+        self.in_flight -= 1
+        rec = self.ops.get(name)
+        if rec is None:
+            rec = self.ops[name] = OpStats()
+        # OpStats.add, inlined: a call is a fifth of the cost of counting.
+        rec.count += 1
+        rec.errors += failed
+        rec.total_ns += ns
+        if ns > rec.max_ns:
+            rec.max_ns = ns
+        if ns < 8:
+            rec.hist[max(ns, 0)] += 1
+        else:
+            shift = ns.bit_length() - 3
+            rec.hist[(shift << 2) + (ns >> shift)] += 1
 
     def snapshot(self) -> dict[str, Any]:
         """Everything, as plain JSON-ready data (see the module docstring)."""
