@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from nexfs.ondisk import checksum
 from nexfs.ondisk.bitmap import BPB, Bitmap
