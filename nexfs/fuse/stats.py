@@ -1,7 +1,9 @@
 """Live statistics of a mounted volume: what ``nexfs stats MOUNTPOINT`` shows.
 
 What is counted: per FUSE operation, the requests, the ones answered with an errno, and a
-latency histogram (from the handler's start to its reply, Python side); requests in flight
+latency histogram (the handler's time in the daemon, from its start to its reply; for a
+WRITE the core's part, without the rare wait for the kernel to drop cached pages after an
+O_DIRECT write, nexfs/fuse/invalidate.py); requests in flight
 (now and the most seen); hits and misses of the metadata block cache and of the data cache;
 the valve's operations, bytes, bounce copies and barriers; commits, checkpoints and how full
 the journal is.

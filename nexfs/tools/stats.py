@@ -37,7 +37,8 @@ def read_stats(mountpoint: str) -> dict[str, Any]:
         raw = os.getxattr(mountpoint, STATS_XATTR)
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise StatsError(f"{mountpoint}: not the root of a mounted NexFS volume") from None
+            raise StatsError(f"{mountpoint}: not the root of a mounted NexFS volume (or its "
+                             "daemon predates nexfs stats)") from None
         raise StatsError(f"{mountpoint}: {exc.strerror}") from None
     try:
         doc = json.loads(raw)
