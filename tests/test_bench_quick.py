@@ -39,21 +39,47 @@ def test_quick_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     assert {"config", "environment", "units", "samples", "summary", "peak_rss_mib",
             "nexfs_peak_rss_mib", "mount_1tib_s"} <= set(result)
     assert result["config"]["mode"] == "quick"
-    assert set(result["samples"]) == {"nexfs", "fuse2fs", "ext4", "raw"}
+    assert set(result["samples"]) == {"nexfs", "fuse2fs", "ext4", "raw", "ceiling"}
     for workload in ("seq-write-1m", "seq-read-1m", "seq-read-1m-direct",
                      "randread-4k-qd1-direct", "randwrite-4k-qd1-direct", "tar-extract",
                      "find-stat", "rm-rf", "create", "lookup-random"):
         for system in ("nexfs", "fuse2fs", "ext4"):
             assert result["samples"][system][workload][0] > 0, (system, workload)
         assert {"fuse2fs", "ext4"} <= set(result["summary"]["ratios"][workload]), workload
-    assert result["samples"]["raw"]["randread-4k-qd1-direct"][0] > 0
+    # The reference systems run every fio job the efficiency targets need, in the same run.
+    for job in ("randread-4k-qd1-direct", "randread-4k-4jobs-direct",
+                "randwrite-4k-qd1-direct", "randwrite-4k-4jobs-direct"):
+        for system in ("nexfs", "raw", "ceiling"):
+            assert result["samples"][system][job][0] > 0, (system, job)
+        assert {"raw", "ceiling"} <= set(result["summary"]["ratios"][job]), job
+    # The hot variant: read right after the write, on every system but the raw image.
+    for system in ("nexfs", "fuse2fs", "ext4", "ceiling"):
+        assert result["samples"][system]["randread-4k-qd1-direct-hot"][0] > 0, system
+    assert "tar-extract" not in result["samples"]["ceiling"]
     assert result["nexfs_peak_rss_mib"] > 0 and result["mount_1tib_s"] > 0
-    assert len(result["summary"]["targets"]) == 10
+    assert len(result["summary"]["targets"]) == 11
+    efficiency = {(e["workload"], e["versus"]): e for e in result["summary"]["efficiency"]}
+    assert set(efficiency) == {
+        ("randread-4k-qd1-direct", "serial ideal 1/(1/ceiling+1/raw)"),
+        ("randread-4k-qd1-direct-hot", "serial ideal 1/(1/ceiling+1/raw)"),
+        ("randread-4k-4jobs-direct", "min(ceiling, raw), 4 jobs"),
+        ("randread-4k-4jobs-direct", "NexFS's own QD1"),
+        ("randwrite-4k-qd1-direct", "ceiling"),
+        ("randwrite-4k-4jobs-direct", "NexFS's own QD1"),
+    }
+    for e in efficiency.values():
+        assert e["ideal"] > 0 and e["ratio"] > 0 and e["met"] in (True, False), e
+    serial = efficiency[("randread-4k-qd1-direct", "serial ideal 1/(1/ceiling+1/raw)")]
+    medians = result["summary"]["medians"]
+    ceiling = medians["ceiling"]["randread-4k-qd1-direct"]
+    raw = medians["raw"]["randread-4k-qd1-direct"]
+    assert serial["ideal"] == pytest.approx(1 / (1 / ceiling + 1 / raw), rel=1e-3)
 
     table = (out / "fsbench-quick.md").read_text()
     assert "| seq-write-1m | MiB/s |" in table and "NexFS/fuse2fs" in table
     assert (out / "fsbench-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| randread-4k-qd1-direct |" in proc.stdout
+    assert "| randread-4k-qd1-direct vs serial ideal 1/(1/ceiling+1/raw) |" in table
 
     # Everything was torn down: no image, no mount, no loop device left behind.
     assert list(work.iterdir()) == []

@@ -4,18 +4,29 @@ Ratios are always NexFS over the other system from the same run, in the figure's
 direction: for throughput and IOPS above 1 means NexFS is faster; for elapsed times
 (unit ``s``) below 1 means NexFS is faster.  The chart shows every ratio as a speed-up
 (times are inverted) so that taller is better throughout.
+
+Efficiency (issue 11's targets) is NexFS against the two reference systems of the same run:
+the raw image (what the device does) and the ceiling (bench/ceilingfs.py: what any pyfuse3
+filesystem gets).  At queue depth 1 a request and its device transfer happen one after the
+other, so the best NexFS can do there is the *serial ideal* ``1 / (1/ceiling + 1/raw)``; with
+four jobs it is ``min(ceiling, raw)``.  Every efficiency is computed for the cold figure and,
+where the run has one, the hot figure (the raw image has no hot figure: it caches nothing, so
+its cold one stands for both).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-NEXFS, FUSE2FS, EXT4, RAW = "nexfs", "fuse2fs", "ext4", "raw"
-LABELS = {NEXFS: "NexFS", FUSE2FS: "fuse2fs", EXT4: "kernel ext4", RAW: "raw --direct=1"}
+NEXFS, FUSE2FS, EXT4, RAW, CEILING = "nexfs", "fuse2fs", "ext4", "raw", "ceiling"
+LABELS = {NEXFS: "NexFS", FUSE2FS: "fuse2fs", EXT4: "kernel ext4", RAW: "raw --direct=1",
+          CEILING: "pyfuse3 ceiling"}
+OTHERS = (FUSE2FS, EXT4, RAW, CEILING)
 RSS_LIMIT_MIB = 256
 MOUNT_LIMIT_S = 1.0
 
@@ -39,19 +50,82 @@ TARGETS = (
     Target("randread-4k-qd1-direct", FUSE2FS, 0.7),
     Target("randwrite-4k-qd1-direct", FUSE2FS, 1.0),
     Target("tar-extract", FUSE2FS, 0.7),
+    Target("rm-rf", FUSE2FS, 0.7),
     Target("create", FUSE2FS, 0.7),
 )
+
+Figure = Callable[[str, str], "float | None"]
+"""``figure(system, workload)``: a median from this run, or None."""
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """NexFS's ``workload`` over ``ideal(figure, workload)`` must be >= ``bound``."""
+
+    workload: str
+    ideal_name: str
+    ideal: Callable[[Figure, str], float | None]
+    bound: float
+
+
+def _serial(figure: Figure, w: str) -> float | None:
+    ceiling, raw = figure(CEILING, w), figure(RAW, w)
+    return 1 / (1 / ceiling + 1 / raw) if ceiling and raw else None
+
+
+def _lesser(figure: Figure, w: str) -> float | None:
+    ceiling, raw = figure(CEILING, w), figure(RAW, w)
+    return min(ceiling, raw) if ceiling and raw else None
+
+
+def _own_qd1(figure: Figure, w: str) -> float | None:
+    return figure(NEXFS, w.replace("-4jobs", "-qd1"))
+
+
+EFFICIENCY = (
+    Efficiency("randread-4k-qd1-direct", "serial ideal 1/(1/ceiling+1/raw)", _serial, 0.85),
+    Efficiency("randread-4k-4jobs-direct", "min(ceiling, raw), 4 jobs", _lesser, 0.8),
+    Efficiency("randread-4k-4jobs-direct", "NexFS's own QD1", _own_qd1, 2.5),
+    Efficiency("randwrite-4k-qd1-direct", "ceiling", lambda f, w: f(CEILING, w), 0.8),
+    Efficiency("randwrite-4k-4jobs-direct", "NexFS's own QD1", _own_qd1, 2.0),
+)
+
+
+def efficiency(medians: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Every :data:`EFFICIENCY` row for the cold and the hot variant the run measured."""
+
+    def figure(system: str, workload: str) -> float | None:
+        got = medians.get(system, {})
+        if workload in got:
+            return got[workload]
+        # The raw image caches nothing: its cold figure is its hot one too.
+        return got.get(workload.removesuffix("-hot")) if system == RAW else None
+
+    rows = []
+    for e in EFFICIENCY:
+        for workload in (e.workload, f"{e.workload}-hot"):
+            nexfs = figure(NEXFS, workload)
+            ideal = e.ideal(figure, workload)
+            if workload.endswith("-hot") and nexfs is None:
+                continue  # this run has no hot variant of the job
+            ratio = round(nexfs / ideal, 3) if nexfs and ideal else None
+            rows.append({"workload": workload, "versus": e.ideal_name,
+                         "ideal": None if ideal is None else round(ideal, 1),
+                         "target": f">= {e.bound:g}x", "ratio": ratio,
+                         "met": None if ratio is None else ratio >= e.bound})
+    return rows
 
 
 def summarise(samples: dict[str, dict[str, list[float]]], units: dict[str, str]
               ) -> dict[str, Any]:
-    """Medians per system and workload, NexFS ratios, and the targets' verdicts."""
+    """Medians per system and workload, NexFS ratios, the targets' verdicts and NexFS's
+    efficiency against the reference systems."""
     medians = {system: {w: statistics.median(v) for w, v in figures.items() if v}
                for system, figures in samples.items()}
     nexfs = medians.get(NEXFS, {})
     ratios: dict[str, dict[str, float]] = {}
     for workload, value in nexfs.items():
-        for other in (FUSE2FS, EXT4, RAW):
+        for other in OTHERS:
             base = medians.get(other, {}).get(workload)
             if base:
                 ratios.setdefault(workload, {})[other] = round(value / base, 3)
@@ -65,7 +139,7 @@ def summarise(samples: dict[str, dict[str, list[float]]], units: dict[str, str]
                         "target": f"{'<=' if lower_is_better else '>='} {t.bound:g}x",
                         "ratio": ratio, "met": met})
     return {"medians": {s: {w: round(v, 3) for w, v in m.items()} for s, m in medians.items()},
-            "ratios": ratios, "targets": targets}
+            "ratios": ratios, "targets": targets, "efficiency": efficiency(medians)}
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -77,21 +151,32 @@ def _fmt(value: float | None, unit: str) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The results table (one row per workload) and the targets table."""
+    """The results table (one row per workload), the targets and the efficiency tables."""
     units: dict[str, str] = result["units"]
     medians: dict[str, dict[str, float]] = result["summary"]["medians"]
     ratios: dict[str, dict[str, float]] = result["summary"]["ratios"]
-    systems = [s for s in (NEXFS, FUSE2FS, EXT4, RAW) if s in medians]
-    head = ["workload", "unit", *(LABELS[s] for s in systems), "NexFS/fuse2fs", "NexFS/ext4"]
+    systems = [s for s in (NEXFS, FUSE2FS, EXT4, RAW, CEILING) if s in medians]
+    head = ["workload", "unit", *(LABELS[s] for s in systems), "NexFS/fuse2fs", "NexFS/ext4",
+            "NexFS/ceiling"]
     lines = ["| " + " | ".join(head) + " |",
-             "|---|---|" + "---:|" * (len(systems) + 2)]
+             "|---|---|" + "---:|" * (len(systems) + 3)]
     for workload, unit in units.items():
         cells = [workload, "time" if unit == "s" else unit]
         cells += [_fmt(medians[s].get(workload), unit) for s in systems]
-        for other in (FUSE2FS, EXT4):
+        for other in (FUSE2FS, EXT4, CEILING):
             r = ratios.get(workload, {}).get(other)
             cells.append("—" if r is None else f"{r:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    rows = result["summary"].get("efficiency", [])
+    if rows:
+        lines += ["", "| efficiency (same run) | ideal | NexFS ratio | target | met |",
+                  "|---|---:|---:|---|---|"]
+        for e in rows:
+            verdict = {True: "yes", False: "**no**", None: "not measured"}[e["met"]]
+            ideal = "—" if e["ideal"] is None else f"{e['ideal']:,.0f}"
+            ratio = "—" if e["ratio"] is None else f"{e['ratio']:.2f}"
+            lines.append(f"| {e['workload']} vs {e['versus']} | {ideal} | {ratio} | "
+                         f"{e['target']} | {verdict} |")
     lines += ["", "| target | NexFS ratio | met |", "|---|---:|---|"]
     for t in result["summary"]["targets"]:
         verdict = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]

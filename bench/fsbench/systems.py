@@ -1,4 +1,5 @@
-"""The contenders: each one prepares a fresh image of the same size and exposes a target.
+"""The contenders and the reference systems: each one prepares a fresh image of the same
+size and exposes a target.
 
 A system is a context manager: on entry it creates a sparse image file, formats and mounts
 it (or attaches a loop device), and yields a :class:`Mounted` (where to put files, and the
@@ -39,6 +40,8 @@ class Mounted:
     path: Path
     pid: int | None
     is_raw: bool = False
+    fio_only: bool = False
+    """A reference system that runs only the fio jobs (the raw image, the ceiling)."""
 
 
 def run(cmd: list[str], *, timeout: float = 120) -> str:
@@ -237,10 +240,50 @@ class RawDevice(System):
 
     @contextlib.contextmanager
     def _mounted(self) -> Iterator[Mounted]:
-        yield Mounted(self.label, self.image, None, is_raw=True)
+        yield Mounted(self.label, self.image, None, is_raw=True, fio_only=True)
 
 
-SYSTEMS: tuple[type[System], ...] = (NexFS, Fuse2fs, KernelExt4, RawDevice)
+CEILING_FS = Path(__file__).resolve().parent.parent / "ceilingfs.py"
+
+
+class Ceiling(System):
+    """bench/ceilingfs.py: a pyfuse3 filesystem that does nothing but answer (writes are
+    dropped, reads return zeros), served by NexFS's own request loop.  Its figures are the
+    most any pyfuse3 filesystem gets on this machine; it runs the fio jobs only."""
+
+    name = "ceiling"
+    label = "minimal pyfuse3 (ceiling)"
+
+    @staticmethod
+    def available() -> str | None:
+        if not CEILING_FS.is_file():
+            return f"{CEILING_FS} not found"
+        return None if shutil.which("fusermount3") else "fusermount3 not installed"
+
+    @contextlib.contextmanager
+    def _mounted(self) -> Iterator[Mounted]:
+        log_path = self.workdir / "ceilingfs.log"
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen([sys.executable, str(CEILING_FS), str(self.mountpoint)],
+                                    stdin=subprocess.DEVNULL, stdout=log_file,
+                                    stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while not is_mounted(self.mountpoint):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"ceilingfs did not mount {self.mountpoint}: "
+                                     f"{log_path.read_text(errors='replace').strip()[-500:]}")
+                time.sleep(0.02)  # polling for the mount to appear, not synchronising
+            yield Mounted(self.label, self.mountpoint, proc.pid, fio_only=True)
+        finally:
+            fuse_unmount(self.mountpoint, proc.pid)
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(timeout=60)
+            log_path.unlink(missing_ok=True)
+
+
+SYSTEMS: tuple[type[System], ...] = (NexFS, Fuse2fs, KernelExt4, RawDevice, Ceiling)
 
 
 def drop_caches() -> None:

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -41,6 +43,7 @@ import trio
 from nexfs.core.attr import Attr, Ctx, SetAttr
 from nexfs.core.fs import FileSystem
 from nexfs.fuse.invalidate import drop_cached_pages
+from nexfs.fuse.stats import STATS_XATTR, Stats, hit_rate
 from nexfs.types import CorruptionError, FsError
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,11 @@ COMMIT_INTERVAL = 5.0
 crash or power failure (the same promise as ext4's default ``commit=5``)."""
 
 T = TypeVar("T")
+_clock = time.perf_counter_ns
+
+CAPABILITY_XATTR = b"security.capability"
+KERNEL = Ctx(uid=0, gid=0, pid=0)
+"""The caller of a change the kernel decided on itself (it checked the rules already)."""
 
 # The kernel's idea of a file handle: we hand out our own numbers so that each open keeps the
 # credentials it was opened with (write requests carry none, and the core clears set-ID bits
@@ -74,19 +82,30 @@ _Handle = tuple[int, Ctx]
 def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
     """Turn a synchronous handler into the coroutine pyfuse3 calls, translating every error.
 
-    This is the single errno translation point of the mount (see the module docstring)."""
+    This is the single errno translation point of the mount (see the module docstring), and
+    where every request is counted and timed for ``nexfs stats`` (nexfs/fuse/stats.py)."""
     op = fn.__name__
+    counted = "write" if op == "write_data" else op  # the core's part of WRITE
 
     @functools.wraps(fn)
     async def wrapper(self: FuseAdapter, *args: Any) -> T:
         if self.debug:
             log.debug("%s(%s)", op, ", ".join(_brief(a) for a in args))
+        stats = self.stats
+        stats.in_flight += 1
+        if stats.in_flight > stats.in_flight_max:
+            stats.in_flight_max = stats.in_flight
+        failed = True
+        start = _clock()
         try:
             result = fn(self, *args)
+            failed = False
         except pyfuse3.FUSEError:
             raise
         except Exception as exc:
             raise pyfuse3.FUSEError(self.errno_of(op, exc)) from None
+        finally:
+            stats.record(counted, _clock() - start, failed)
         if self.debug:
             log.debug("%s -> %s", op, _brief(result))
         return result
@@ -130,6 +149,8 @@ class FuseAdapter(pyfuse3.Operations):
         self.fs = fs
         self.enable_acl = fs.acl
         self.debug = debug
+        self.stats = Stats()  # what ``nexfs stats`` reads (getxattr below)
+        self.stats.sources.append(self._store_counters)
         self._lookups: dict[int, int] = {}
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
@@ -254,6 +275,14 @@ class FuseAdapter(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # pyfuse3 does not allow forget to raise, not even FUSEError.
+        start = _clock()
+        try:
+            self._forget(inode_list)
+        finally:
+            self.stats.in_flight += 1  # record() counts it out again
+            self.stats.record("forget", _clock() - start, False)
+
+    def _forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         if self.debug:
             log.debug("forget(%s)", _brief(inode_list))
         for ino, nlookup in inode_list:
@@ -436,9 +465,13 @@ class FuseAdapter(pyfuse3.Operations):
 
     @_handler
     def flush(self, fh: int) -> None:
-        # close(2) promises nothing about durability; the kernel has already sent the dirty
-        # pages, which are in the running transaction.
+        # close(2) promises nothing about durability, and the kernel writes the file's dirty
+        # pages back and reports their errors before it sends FLUSH (fuse_flush), so there
+        # is nothing to do here.  ENOSYS, once, makes it stop sending FLUSH for the rest of
+        # the mount (fc->no_flush): one request less per close(2), and close(2) still
+        # returns the writeback's errors (tests/test_mount_requests.py).
         del fh
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_handler
     def release(self, fh: int) -> None:
@@ -511,6 +544,8 @@ class FuseAdapter(pyfuse3.Operations):
     @_handler
     def setxattr(self, inode: int, name: bytes, value: bytes,
                  ctx: pyfuse3.RequestContext) -> None:
+        if inode == pyfuse3.ROOT_INODE and name == STATS_XATTR:
+            raise FsError(errno.EPERM, "the statistics are read-only")
         # pyfuse3 3.x does not pass XATTR_CREATE/XATTR_REPLACE on, so the flags are 0.
         self.fs.setxattr(inode, name, value, 0, self._ctx(ctx))
 
@@ -520,6 +555,8 @@ class FuseAdapter(pyfuse3.Operations):
         # SB_NOSEC).  The core answers ENODATA from the inode alone when it has no xattrs, so
         # this path must stay free of extra work: no supplementary groups, no logging.  (The
         # VFS itself keeps non-root callers away from trusted.* names.)
+        if inode == pyfuse3.ROOT_INODE and name == STATS_XATTR:
+            return self.stats_document()
         return self.fs.getxattr(inode, name, Ctx(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid))
 
     @_handler
@@ -530,7 +567,29 @@ class FuseAdapter(pyfuse3.Operations):
 
     @_handler
     def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if inode == pyfuse3.ROOT_INODE and name == STATS_XATTR:
+            raise FsError(errno.EPERM, "the statistics are read-only")
+        if name == CAPABILITY_XATTR:
+            # Whatever reaches the daemon was allowed by the kernel: a caller's removal needs
+            # CAP_SETFCAP (cap_inode_removexattr), and the kernel's own removal before a
+            # write, truncate or chown by any writer (file_remove_privs) is checked by
+            # nothing.  The core's owner rule would refuse the latter for a writer who is
+            # not the owner, failing the write(2) with EPERM.
+            self.fs.removexattr(inode, name, KERNEL)
+            return
         self.fs.removexattr(inode, name, self._ctx(ctx))
+
+    # -- statistics -----------------------------------------------------------------------
+
+    def stats_document(self) -> bytes:
+        """``nexfs stats``: the snapshot as compact JSON (nexfs/fuse/stats.py)."""
+        return json.dumps(self.stats.snapshot(), separators=(",", ":")).encode()
+
+    def _store_counters(self) -> dict[str, Any]:
+        out = self.fs.store.counters()
+        for cache in out["caches"].values():
+            cache["hit_rate"] = hit_rate(cache["hits"], cache["misses"])
+        return out
 
     # -- lifetime -------------------------------------------------------------------------
 

@@ -48,6 +48,9 @@ class DataCache:
         self._blocks: OrderedDict[int, bytearray] = OrderedDict()
         self._dirty: set[int] = set()
         self._flush_buf: memoryview | None = None
+        # Blocks read from memory, from the device through the cache, and past the cache
+        # (large reads): ``nexfs stats``.
+        self.hits = self.misses = self.bypassed = 0
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -63,6 +66,7 @@ class DataCache:
         memory, the rest from the device (and, for small reads, into the cache)."""
         blocks = self._blocks
         if not self.takes(count):
+            self.bypassed += count
             self._bdev.read_blocks(blkno, count, into)
             if self._dirty:
                 for i in range(count):
@@ -75,11 +79,13 @@ class DataCache:
             if data is not None:
                 blocks.move_to_end(blkno + i)
                 into[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = data
+                self.hits += 1
                 i += 1
                 continue
             j = i + 1
             while j < count and blkno + j not in blocks:
                 j += 1
+            self.misses += j - i
             part = into[i * BLOCK_SIZE : j * BLOCK_SIZE]
             self._bdev.read_blocks(blkno + i, j - i, part)
             for k in range(i, j):

@@ -57,6 +57,13 @@ class DataPath:
         """The write-behind queue (tests hold its worker at a gate: tests/wbgate.py)."""
         return self._wb
 
+    def cache_counters(self) -> dict[str, int]:
+        """The data cache's part of ``nexfs stats``: blocks read from memory, from the device
+        through the cache and past it (large reads), and its size."""
+        c = self._cache
+        return {"hits": c.hits, "misses": c.misses, "bypassed": c.bypassed, "blocks": len(c),
+                "capacity": c.capacity, "dirty": c.dirty_count}
+
     @property
     def pending(self) -> bool:
         """Something written is not yet known durable (a barrier is needed)."""

@@ -25,6 +25,8 @@ class BlockCache:
             raise ValueError(f"cache of {capacity} blocks is too small (minimum 16)")
         self.capacity = capacity
         self._d: OrderedDict[int, MetaBlock] = OrderedDict()
+        self.hits = 0  # lookups answered from memory, and not (``nexfs stats``)
+        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._d)
@@ -36,7 +38,10 @@ class BlockCache:
         """The cached block (marked most recently used), or None."""
         blk = self._d.get(blkno)
         if blk is not None:
+            self.hits += 1
             self._d.move_to_end(blkno)
+        else:
+            self.misses += 1
         return blk
 
     def peek(self, blkno: int) -> MetaBlock | None:

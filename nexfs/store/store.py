@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from nexfs.ondisk import checksum
 from nexfs.ondisk.bitmap import BPB, Bitmap
@@ -185,6 +185,7 @@ class Store:
         self.journal = Journal(grants.journal, g.journal_start, g.journal_len, self.volume_seed,
                                sb.journal_tid)
         self.max_txn_blocks = max_images(g.journal_len)
+        self.commits = self.checkpoints = 0  # since open (``nexfs stats``)
         self.committed_tid = sb.journal_tid - 1
         self.durable_tid = self.committed_tid
         self.blocks = Bitmap(self, name="block", magic=MAGIC_BITMAP, summary_magic=MAGIC_SUMMARY,
@@ -577,12 +578,29 @@ class Store:
             self.durable_tid = self.committed_tid  # everything before this commit
         self.committed_tid = txn.tid
         self.data.mark_synced()
+        self.commits += 1
         self.blocks.commit_pending()
         self._running.clear()
         self._cache.evict(self._running)
         if len(self._ckpt) > self._cache.capacity // 2:
             self._checkpoint()
         return txn.tid
+
+    def counters(self) -> dict[str, dict[str, Any]]:
+        """The store's part of ``nexfs stats`` (nexfs/fuse/stats.py): both caches' hits,
+        misses and size in blocks; commits and checkpoints since open and how full the
+        journal is."""
+        meta = self._cache
+        return {
+            "caches": {
+                "metadata": {"hits": meta.hits, "misses": meta.misses,
+                             "blocks": len(meta), "capacity": meta.capacity},
+                "data": self.data.cache_counters(),
+            },
+            "journal": {"commits": self.commits, "checkpoints": self.checkpoints,
+                        "used_blocks": self.journal.head, "blocks": self.journal.length,
+                        "fill": round(self.journal.head / self.journal.length, 4)},
+        }
 
     def sync(self) -> None:
         """fsync/syncfs: everything done so far, data and metadata, durable."""
@@ -642,6 +660,7 @@ class Store:
             self._write_sb()
             self.journal.reset()
             self._ckpt.clear()
+            self.checkpoints += 1
             log.debug("checkpoint: %d blocks home, journal restarts at tid %d",
                       len(items), self.sb.journal_tid)
         elif clean:

@@ -1,4 +1,4 @@
-"""The ``nexfs`` command: ``nexfs mkfs|fsck|info|mount|bench ...``.
+"""The ``nexfs`` command: ``nexfs mkfs|fsck|info|mount|bench|stats ...``.
 
 Also the helper that ``mount -t fuse.nexfs SOURCE DIR`` runs: mount.fuse3 calls
 ``nexfs SOURCE DIR -o OPTIONS``, which is passed on to mount.nexfs.
@@ -20,13 +20,14 @@ commands:
   tune   -O mmp TARGET change a volume's features (multi-mount protection)
   mount  TARGET DIR    mount a volume                          (same as mount.nexfs)
   bench  [--quick]     run the benchmark suite
+  stats  MOUNTPOINT    live statistics of a mounted volume (--json, --watch)
 
 Run 'nexfs COMMAND --help' for a command's options.
 """
 
 
 COMMANDS = {"mkfs": "mkfs", "fsck": "fsck", "info": "info", "mount": "mount", "bench": "bench",
-            "tune": "tune"}
+            "tune": "tune", "stats": "stats"}
 
 
 def main(argv: list[str] | None = None) -> int:

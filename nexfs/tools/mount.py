@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import logging.handlers
 import os
@@ -505,6 +506,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None],
     import trio
 
     from nexfs.fuse.adapter import FuseAdapter
+    from nexfs.fuse.stats import valve_counters
 
     signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
     if config.foreground:
@@ -522,6 +524,10 @@ def serve(config: MountConfig, ready: Callable[[str | None], None],
                 ops = seams.adapter(fs, config.debug)
             else:
                 ops = FuseAdapter(fs, debug=config.debug)
+            stats = getattr(ops, "stats", None)
+            if stats is not None:  # the valve's counters for ``nexfs stats``
+                stats.sources.append(functools.partial(
+                    valve_counters, valve, fs.store.bdev.sector_size))
             if stop.received is not None:
                 log.info("interrupted before mounting")
                 return EXIT_OK
