@@ -15,6 +15,8 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "nexfs_core.h")
+#: The NBD backend (libnbd) has its own header and C file, so nexfs_core.c stays local-only.
+NBD_HEADER = os.path.join(HERE, "nbd_backend.h")
 
 
 def _cdef_from_header(path: str) -> str:
@@ -37,10 +39,15 @@ ffibuilder = FFI()
 # struct iovec comes from <sys/uio.h>; "..." lets cffi take its real layout from the compiler.
 ffibuilder.cdef("struct iovec { void *iov_base; size_t iov_len; ...; };")
 ffibuilder.cdef(_cdef_from_header(HEADER))
+ffibuilder.cdef(_cdef_from_header(NBD_HEADER))
 ffibuilder.set_source(
     "native._core",
-    '#include "nexfs_core.h"',
-    sources=[_relative(os.path.join(HERE, "nexfs_core.c"))],
+    '#include "nexfs_core.h"\n#include "nbd_backend.h"',
+    sources=[
+        _relative(os.path.join(HERE, "nexfs_core.c")),
+        _relative(os.path.join(HERE, "nbd_backend.c")),
+    ],
     include_dirs=[_relative(HERE)],
+    libraries=["nbd"],
     extra_compile_args=["-O2", "-Wall", "-Wextra"],
 )

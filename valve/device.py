@@ -1,9 +1,13 @@
-"""The device under the valve: one open ``nx_dev`` and the copies (or not) around it.
+"""The device under the valve: one open ``nx_dev`` (or NBD export) and the copies around it.
 
 This module knows sectors, buffers and errno; it knows nothing about capabilities.
 ``valve.valve`` decides *whether* an operation may happen, this module does it.
 Arguments that reach it have passed the capability check and the range check;
 it still refuses wrong lengths and unusable buffers before any syscall.
+
+Two backends share everything above the C call: a path opens the O_DIRECT core
+(native/nexfs_core.c), an NBD URI the libnbd one (native/nbd_backend.c, see valve.nbd).
+Both keep geometry and counters in a ``struct nx_dev``; only the functions called differ.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from native import ffi, lib
+from valve import nbd
 from valve.buffer import AlignedBuffer, is_valve_memory
 from valve.errors import CapabilityError, DeviceError, RangeError, io_error, open_error
 
@@ -36,11 +41,18 @@ class Device:
 
     __slots__ = (
         "_bounce",
+        "_c_close",
+        "_c_read",
+        "_c_write",
+        "_c_writev",
         "_dev",
+        "_h",
         "_mask",
         "_page_aligned",
         "buffer_align",
+        "exclusive",
         "is_blockdev",
+        "is_nbd",
         "mem_align",
         "path",
         "read_only",
@@ -48,12 +60,33 @@ class Device:
         "total_sectors",
     )
 
-    def __init__(self, path: str, *, read_only: bool, sector_size: int | None) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        read_only: bool,
+        sector_size: int | None,
+        nbd_timeout: float | None = None,
+    ) -> None:
         self.path = path
-        self._dev = ffi.new("struct nx_dev *")
-        rc = lib.nx_open(os.fsencode(path), int(read_only), self._dev)
-        if rc < 0:
-            raise open_error(rc, self._dev.stage, path, read_only=read_only)
+        self.is_nbd = nbd.is_nbd_uri(path)
+        if self.is_nbd:
+            # ``_h`` is what the transfer functions take; ``_dev`` the geometry and counters.
+            self._h = nbd.open_export(path, read_only=read_only, timeout=nbd_timeout)
+            self._dev = ffi.addressof(self._h, "dev")
+            self._c_read, self._c_write, self._c_writev = (
+                lib.nx_nbd_read, lib.nx_nbd_write, lib.nx_nbd_writev,
+            )
+            self._c_close = lib.nx_nbd_close
+        else:
+            self._dev = self._h = ffi.new("struct nx_dev *")
+            rc = lib.nx_open(os.fsencode(path), int(read_only), self._dev)
+            if rc < 0:
+                raise open_error(rc, self._dev.stage, path, read_only=read_only)
+            self._c_read, self._c_write, self._c_writev = lib.nx_read, lib.nx_write, lib.nx_writev
+            self._c_close = lib.nx_close
+        # No lock can keep a second host off a network export.
+        self.exclusive = not self.is_nbd
         native = self._dev.sector_size
         if sector_size is not None and sector_size != native:
             # A larger logical sector than the device's is just a coarser unit of I/O,
@@ -64,7 +97,7 @@ class Device:
                 or sector_size % native
                 or sector_size > mmap.PAGESIZE
             ):
-                lib.nx_close(self._dev)
+                self._c_close(self._h)
                 raise RangeError(
                     f"sector size {sector_size} is not a power-of-two multiple of the "
                     f"device's {native} up to {mmap.PAGESIZE}",
@@ -88,7 +121,7 @@ class Device:
         log.debug(
             "opened %s: %s, sector %d, %d sectors, mem align %d%s",
             path,
-            "block device" if self.is_blockdev else "image file",
+            "NBD export" if self.is_nbd else "block device" if self.is_blockdev else "image file",
             self.sector_size,
             self.total_sectors,
             self.mem_align,
@@ -109,7 +142,7 @@ class Device:
         )
 
     def close(self) -> None:
-        rc = lib.nx_close(self._dev)
+        rc = self._c_close(self._h)
         if rc < 0:
             raise io_error(rc, self.path, "close")
 
@@ -148,12 +181,12 @@ class Device:
         if into is None:
             # Fresh aligned memory owned by the returned view: zero copy, no bounce.
             buf = _aligned_alloc(self.buffer_align, nbytes)
-            self._check(lib.nx_read(self._dev, lba, buf, nbytes), "read", lba, count)
+            self._check(self._c_read(self._h, lba, buf, nbytes), "read", lba, count)
             return memoryview(ffi.buffer(buf, nbytes)), 0
         if type(into) is AlignedBuffer and self._page_aligned and len(into) >= nbytes:
             # The common case, kept short: an mmap is page aligned, nothing to compute.
             target = ffi.from_buffer(into, require_writable=True)
-            self._check(lib.nx_read(self._dev, lba, target, nbytes), "read", lba, count)
+            self._check(self._c_read(self._h, lba, target, nbytes), "read", lba, count)
             view = memoryview(into)
             return (view if len(into) == nbytes else view[:nbytes]), 0
         view = memoryview(into)
@@ -167,10 +200,10 @@ class Device:
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         if self._direct(into, target, nbytes):
-            self._check(lib.nx_read(self._dev, lba, target, nbytes), "read", lba, count)
+            self._check(self._c_read(self._h, lba, target, nbytes), "read", lba, count)
             return view[:nbytes], 0
         bounce = self._bounce_buffer(nbytes)
-        self._check(lib.nx_read(self._dev, lba, bounce, nbytes), "read", lba, count)
+        self._check(self._c_read(self._h, lba, bounce, nbytes), "read", lba, count)
         ffi.memmove(target, bounce, nbytes)
         return view[:nbytes], 1
 
@@ -181,7 +214,7 @@ class Device:
         if isinstance(data, list | tuple):
             return self._writev(lba, count, nbytes, data, durable)
         if type(data) is AlignedBuffer and self._page_aligned and len(data) == nbytes:
-            rc = lib.nx_write(self._dev, lba, ffi.from_buffer(data), nbytes, int(durable))
+            rc = self._c_write(self._h, lba, ffi.from_buffer(data), nbytes, int(durable))
             self._check(rc, "write", lba, count)
             return 0
         src = ffi.from_buffer(data)
@@ -190,12 +223,12 @@ class Device:
                 f"data is {len(src)} bytes, {count} sectors need {nbytes}", self.path
             )
         if self._direct(data, src, nbytes):
-            rc = lib.nx_write(self._dev, lba, src, nbytes, int(durable))
+            rc = self._c_write(self._h, lba, src, nbytes, int(durable))
             self._check(rc, "write", lba, count)
             return 0
         bounce = self._bounce_buffer(nbytes)
         ffi.memmove(bounce, src, nbytes)
-        self._check(lib.nx_write(self._dev, lba, bounce, nbytes, int(durable)), "write", lba, count)
+        self._check(self._c_write(self._h, lba, bounce, nbytes, int(durable)), "write", lba, count)
         return 1
 
     def _writev(
@@ -241,7 +274,7 @@ class Device:
             iov[used].iov_base = bounce + run
             iov[used].iov_len = filled - run
             used += 1
-        rc = lib.nx_writev(self._dev, lba, iov, used, int(durable))
+        rc = self._c_writev(self._h, lba, iov, used, int(durable))
         self._check(rc, "write", lba, count)
         return copies
 
@@ -250,7 +283,13 @@ class Device:
             if rc == -errno.EBADF and self._dev.closing:
                 # Lost a race with Valve.close: to the caller that is a revoked capability.
                 raise CapabilityError(f"{what}: valve is closed", self.path)
-            raise io_error(rc, self.path, f"{what} of {count} sectors at lba {lba}")
+            where = f"{what} of {count} sectors at lba {lba}"
+            if self.is_nbd:
+                # Say why the connection is gone (timeout, server closed it), not just EIO.
+                reason = nbd.failure_reason(self._h)
+                if reason:
+                    where = f"{where} ({reason})"
+            raise io_error(rc, self.path, where)
 
 
 def _aligned_alloc(align: int, nbytes: int) -> Any:

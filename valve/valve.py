@@ -113,7 +113,7 @@ class Valve:
         if key is not _MINT:
             raise TypeError("use Valve.open(path) to open a device")
         self._device = device
-        self._info = BlockInfo(device.sector_size, device.total_sectors)
+        self._info = BlockInfo(device.sector_size, device.total_sectors, device.exclusive)
         self._caps: dict[int, _Grant] = {}
         self._tokens = itertools.count(1)
         # Re-entrant: a capability's weakref callback can run (from the garbage
@@ -131,14 +131,21 @@ class Valve:
         *,
         read_only: bool = False,
         sector_size: int | None = None,
+        nbd_timeout: float | None = None,
     ) -> Valve:
-        """Open ``path`` (image file or block device) with O_DIRECT and claim it.
+        """Open ``path`` (image file or block device) with O_DIRECT and claim it, or
+        connect to the NBD export ``path`` names (``nbd://host[:port]/export``,
+        ``nbd+unix:///export?socket=PATH``; see valve.nbd).
 
         ``sector_size`` optionally coarsens the unit of I/O to a power-of-two multiple
         of the device's own logical sector (e.g. 4096 on a 512-byte device).
+        ``nbd_timeout`` is an export's per-request deadline in seconds (default
+        ``$NEXFS_NBD_TIMEOUT`` or 30).
         Raises ``DeviceBusyError``, ``DirectIONotSupported`` or ``DeviceError``.
         """
-        device = Device(os.fspath(path), read_only=read_only, sector_size=sector_size)
+        device = Device(
+            os.fspath(path), read_only=read_only, sector_size=sector_size, nbd_timeout=nbd_timeout
+        )
         return cls(_MINT, device)
 
     # -- lifetime ---------------------------------------------------------------------
