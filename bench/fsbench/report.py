@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 NEXFS, FUSE2FS, EXT4, RAW, CEILING = "nexfs", "fuse2fs", "ext4", "raw", "ceiling"
+NBD = "nbd"
 LABELS = {NEXFS: "NexFS", FUSE2FS: "fuse2fs", EXT4: "kernel ext4", RAW: "raw --direct=1",
-          CEILING: "pyfuse3 ceiling"}
-OTHERS = (FUSE2FS, EXT4, RAW, CEILING)
+          CEILING: "pyfuse3 ceiling", NBD: "NexFS on NBD"}
+OTHERS = (FUSE2FS, EXT4, RAW, CEILING, NBD)
 RSS_LIMIT_MIB = 256
 MOUNT_LIMIT_S = 1.0
 
@@ -155,7 +156,7 @@ def markdown(result: dict[str, Any]) -> str:
     units: dict[str, str] = result["units"]
     medians: dict[str, dict[str, float]] = result["summary"]["medians"]
     ratios: dict[str, dict[str, float]] = result["summary"]["ratios"]
-    systems = [s for s in (NEXFS, FUSE2FS, EXT4, RAW, CEILING) if s in medians]
+    systems = [s for s in (NEXFS, NBD, FUSE2FS, EXT4, RAW, CEILING) if s in medians]
     head = ["workload", "unit", *(LABELS[s] for s in systems), "NexFS/fuse2fs", "NexFS/ext4",
             "NexFS/ceiling"]
     lines = ["| " + " | ".join(head) + " |",

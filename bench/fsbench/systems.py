@@ -183,6 +183,60 @@ class NexFS(System):
             fuse_unmount(self.mountpoint, pid)
 
 
+class NbdNexFS(System):
+    """NexFS on an NBD export: nbdkit's file plugin serves the same kind of image on a Unix
+    socket, and the daemon reaches it through libnbd (the cost of the network path, next to
+    the local one).  ``cache=none``: the server does not keep the image in its page cache,
+    as the local valve's O_DIRECT does not."""
+
+    name = "nbd"
+    label = "NexFS on NBD"
+
+    @staticmethod
+    def available() -> str | None:
+        why = NexFS.available()
+        if why:
+            return why
+        return None if shutil.which("nbdkit") else "nbdkit not installed"
+
+    @contextlib.contextmanager
+    def _mounted(self) -> Iterator[Mounted]:
+        sock = self.workdir / "nbd.sock"
+        pidfile = self.workdir / "nbdkit.pid"
+        # Without -f nbdkit returns once its socket accepts connections, then runs on.
+        run(["nbdkit", "-U", str(sock), "-P", str(pidfile), "file", str(self.image),
+             "cache=none"])
+        uri = f"nbd+unix:///?socket={sock}"
+        try:
+            run([str(VENV_BIN / "mkfs.nexfs"), "--quiet", "--force", uri])
+            run([str(VENV_BIN / "mount.nexfs"), uri, str(self.mountpoint)])
+            pid = find_daemon(sock, "mount.nexfs")
+            try:
+                yield Mounted(self.label, self.mountpoint, pid)
+            finally:
+                fuse_unmount(self.mountpoint, pid)
+        finally:
+            _stop_pidfile(pidfile)
+            sock.unlink(missing_ok=True)
+
+
+def _stop_pidfile(pidfile: Path, timeout: float = 30) -> None:
+    """SIGTERM the daemon named in ``pidfile`` (written just after nbdkit forks) and wait."""
+    deadline = time.monotonic() + timeout
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        log.warning("%s: no pid; nbdkit may still be running", pidfile)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 15)
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pidfile.unlink(missing_ok=True)
+
+
 class Fuse2fs(System):
     name = "fuse2fs"
     label = "fuse2fs"
@@ -283,7 +337,7 @@ class Ceiling(System):
             log_path.unlink(missing_ok=True)
 
 
-SYSTEMS: tuple[type[System], ...] = (NexFS, Fuse2fs, KernelExt4, RawDevice, Ceiling)
+SYSTEMS: tuple[type[System], ...] = (NexFS, NbdNexFS, Fuse2fs, KernelExt4, RawDevice, Ceiling)
 
 
 def drop_caches() -> None:
