@@ -46,6 +46,7 @@ struct priv {
     pthread_cond_t progressed;  /* broadcast each time the poller has driven libnbd */
     int polling;                /* a thread is the poller (under lock) */
     int wakefd;                 /* eventfd: submitters kick the poller */
+    int dying;                  /* claimed by the first mark_dead: its reason is kept */
 };
 
 /* One NBD command in flight and its fate. */
@@ -82,9 +83,13 @@ static int on_complete(void *user, int *error)
 
 static void mark_dead(struct nx_nbd *n, const char *why)
 {
-    /* The first reason wins: it is the one worth reporting. */
-    if (__atomic_exchange_n(&n->dead, 1, __ATOMIC_SEQ_CST) == 0)
+    struct priv *p = n->priv;
+    /* The first reason wins: it is the one worth reporting.  It is written before `dead`
+     * is published, so whoever sees `dead` also sees the whole message. */
+    if (__atomic_exchange_n(&p->dying, 1, __ATOMIC_SEQ_CST) == 0) {
         set_msg(n, why, NULL);
+        __atomic_store_n(&n->dead, 1, __ATOMIC_SEQ_CST);
+    }
 }
 
 /* Sleep in poll(2) on the socket and the wake-up eventfd for at most `ms`, then let
@@ -95,8 +100,16 @@ static void poll_once(struct nx_nbd *n, int ms)
     struct priv *p = n->priv;
     int fd = nbd_aio_get_fd(h);
     if (fd < 0) {
-        /* No socket any more: libnbd has already aborted every command. */
+        /* No socket any more: libnbd has already aborted every command.  Sleep out the
+         * slice on the eventfd only, so that a waiter never spins. */
         mark_dead(n, "connection closed");
+        struct pollfd wake = {.fd = p->wakefd, .events = POLLIN};
+        if (poll(&wake, 1, ms) > 0) {
+            uint64_t drain;
+            if (read(p->wakefd, &drain, sizeof(drain)) < 0) {
+                /* EAGAIN: nothing to drain. */
+            }
+        }
         return;
     }
     unsigned dir = nbd_aio_get_direction(h);
@@ -177,6 +190,18 @@ static int wait_ops(struct nx_nbd *n, struct op *ops, int nops, int64_t deadline
             kill_connection(n, why);
             pthread_mutex_lock(&p->lock);
             continue;
+        }
+        if (__atomic_load_n(&n->dead, __ATOMIC_SEQ_CST) &&
+            (nbd_aio_is_dead(n->handle) > 0 || nbd_aio_is_closed(n->handle) > 0)) {
+            /* libnbd aborts every command when it enters these states (callbacks run
+             * first) and never touches a buffer again; an op still pending here was
+             * never going to complete. */
+            for (int i = 0; i < nops; i++)
+                if (!__atomic_load_n(&ops[i].done, __ATOMIC_ACQUIRE)) {
+                    ops[i].err = -EIO;
+                    __atomic_store_n(&ops[i].done, 1, __ATOMIC_RELEASE);
+                }
+            break;
         }
         int slice = timed_out || left > NX_NBD_SLICE_MS ? NX_NBD_SLICE_MS : (int)left;
         if (!p->polling) {
