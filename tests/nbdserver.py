@@ -105,7 +105,11 @@ class NbdKit:
     def _end(self, signum: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signum)
-            self.proc.wait(30)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:  # SIGTERM waits for clients: a test failed
+                self.proc.kill()
+                self.proc.wait(30)
         if self.sock is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.sock.unlink()

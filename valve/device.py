@@ -284,11 +284,11 @@ class Device:
                 # Lost a race with Valve.close: to the caller that is a revoked capability.
                 raise CapabilityError(f"{what}: valve is closed", self.path)
             where = f"{what} of {count} sectors at lba {lba}"
-            if self.is_nbd:
+            reason = nbd.failure_reason(self._h) if self.is_nbd else ""
+            if reason:
                 # Say why the connection is gone (timeout, server closed it), not just EIO.
-                reason = nbd.failure_reason(self._h)
-                if reason:
-                    where = f"{where} ({reason})"
+                raise DeviceError(-rc, f"{where} failed: {os.strerror(-rc)} ({reason})",
+                                  self.path)
             raise io_error(rc, self.path, where)
 
 

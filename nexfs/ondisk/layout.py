@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nexfs.ondisk import checksum
@@ -403,17 +404,27 @@ def probe_superblock(path: str) -> str | None:
     """
     with open(path, "rb") as f:
         size = f.seek(0, 2)
-        found: list[Superblock | None] = []
-        for where in (0, size // BLOCK_SIZE - 1):
-            if where < 0:
-                continue
+
+        def read(where: int) -> bytes:
             f.seek(where * BLOCK_SIZE)
-            raw = f.read(BLOCK_SIZE)
-            if len(raw) == BLOCK_SIZE and raw[:8] == SB_MAGIC:
-                try:
-                    found.append(Superblock.decode(raw, where))
-                except FsError:
-                    found.append(None)
+            return f.read(BLOCK_SIZE)
+
+        return describe_superblocks(read, size // BLOCK_SIZE)
+
+
+def describe_superblocks(read: Callable[[int], bytes], nblocks: int) -> str | None:
+    """:func:`probe_superblock` for any reader: ``read(block)`` returns that block of a
+    target of ``nblocks`` blocks (mkfs reads an NBD export through the valve)."""
+    found: list[Superblock | None] = []
+    for where in (0, nblocks - 1):
+        if where < 0:
+            continue
+        raw = read(where)
+        if len(raw) == BLOCK_SIZE and raw[:8] == SB_MAGIC:
+            try:
+                found.append(Superblock.decode(raw, where))
+            except FsError:
+                found.append(None)
     if not found:
         return None
     good = [sb for sb in found if sb is not None]

@@ -65,11 +65,14 @@ def describe_os_error(path: str, exc: OSError) -> str:
 
 @contextlib.contextmanager
 def open_device(path: str, *, read_only: bool) -> Iterator[Any]:
-    """Open ``path`` through the valve and yield a capability (READ, plus WRITE unless
-    read-only).  The valve is closed — every capability revoked — on the way out."""
+    """Open ``path`` (an image file, a block device or an NBD URI) through the valve and
+    yield a capability (READ, plus WRITE unless read-only).  The valve is closed — every
+    capability revoked — on the way out."""
     from valve import Rights, Valve
+    from valve.nbd import is_nbd_uri
 
-    if not os.path.exists(path):
+    # An NBD URI is not a path: whether the export exists is the server's answer.
+    if not is_nbd_uri(path) and not os.path.exists(path):
         raise UsageError(f"{path}: no such file or device", 8)
     try:
         valve = Valve.open(path, read_only=read_only)

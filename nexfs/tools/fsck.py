@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fsck.nexfs is running elsewhere (say so only when it is not)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help=f"list every problem found (not only the first {MAX_SHOWN})")
-    parser.add_argument("target", metavar="TARGET", help="image file or block device")
+    parser.add_argument("target", metavar="TARGET", help="image file, block device or NBD URI")
     return parser
 
 

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                             description="Print the superblock of a NexFS volume in human terms.",
                             epilog="exit status: 0 shown, 1 usage error, 8 could not open the "
                                    "volume")
-    parser.add_argument("target", metavar="TARGET", help="image file or block device")
+    parser.add_argument("target", metavar="TARGET", help="image file, block device or NBD URI")
     args = parser.parse_args(argv)
     return run_tool(PROG, lambda: show(args.target))
 

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+from typing import Any
 
 from nexfs.tools.common import ArgumentParser, UsageError, open_device, parse_size, run_tool
 
@@ -22,11 +23,13 @@ MIN_SIZE = 16 << 20
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=PROG, usage_exit=1,
-        description="Create a NexFS volume on an image file or a block device. An image file "
+        description="Create a NexFS volume on an image file, a block device or an NBD export "
+        "(nbd://host[:port]/export, nbd+unix:///export?socket=PATH). An image file "
         "that does not exist is created sparse, mode 0600.",
         epilog="exit status: 0 success, 1 failure. Example: mkfs.nexfs --size 4G disk.img",
     )
-    parser.add_argument("target", metavar="TARGET", help="image file or block device")
+    parser.add_argument("target", metavar="TARGET",
+                        help="image file, block device or NBD URI")
     parser.add_argument("--size", "-s", metavar="SIZE",
                         help="size of the image file to create or resize (e.g. 512M, 4G, 1T)")
     parser.add_argument("--label", "-L", default="", metavar="LABEL",
@@ -93,8 +96,65 @@ def existing_filesystem(path: str) -> str | None:
     return f"an existing {out} filesystem" if out else None
 
 
-def format_target(args: argparse.Namespace) -> int:
+def existing_on_export(dev: Any) -> str | None:
+    """``existing_filesystem`` for an NBD export, read through the valve capability ``dev``:
+    a NexFS superblock, or any data in the first 64 KiB (blkid cannot look at an export)."""
+    from nexfs.ondisk.layout import describe_superblocks
+    from nexfs.ondisk.metablock import BLOCK_SIZE
+
+    info = dev.block_info()
+    per_block = BLOCK_SIZE // info.sector_size
+    nblocks = info.total_sectors // per_block
+    found = describe_superblocks(
+        lambda block: bytes(dev.block_read(block * per_block, per_block)), nblocks)
+    if found:
+        return found
+    head = dev.block_read(0, min(info.total_sectors, (64 << 10) // info.sector_size))
+    return "data (its first 64 KiB are not zero)" if any(head) else None
+
+
+def format_export(args: argparse.Namespace, uri: str, mmp: bool | None,
+                  interval_ms: int | None) -> int:
+    """mkfs on an NBD export: nothing to create or resize; the checks a path gets from the
+    file system (size, what it already holds) are made through the valve."""
+    started = time.monotonic()
+    try:
+        with open_device(uri, read_only=False) as dev:
+            info = dev.block_info()
+            if info.sector_size * info.total_sectors < MIN_SIZE:
+                raise UsageError(f"{uri} is smaller than 16M", 1)
+            if not args.force:
+                found = existing_on_export(dev)
+                if found:
+                    raise UsageError(f"{uri} contains {found}; use --force to overwrite it", 1)
+            _format(dev, uri, args, started, mmp, interval_ms)
+    except UsageError as exc:
+        exc.code = 1
+        raise
+    if not args.quiet:
+        print(f"{uri}: NexFS volume created in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _format(dev: Any, path: str, args: argparse.Namespace, started: float, mmp: bool | None,
+            interval_ms: int | None) -> None:
     from nexfs.core.fs import FileSystem
+
+    def progress(message: str) -> None:
+        if not args.quiet and time.monotonic() - started > 0.5:
+            print(f"{PROG}: {message}", file=sys.stderr)
+
+    if not args.quiet:
+        info = dev.block_info()
+        total = info.sector_size * info.total_sectors
+        print(f"Creating NexFS volume on {path}: {total / (1 << 30):.2f} GiB, "
+              f"{info.sector_size}-byte sectors")
+    FileSystem.format(dev, label=args.label, progress=progress, mmp=mmp,
+                      mmp_interval_ms=interval_ms)
+
+
+def format_target(args: argparse.Namespace) -> int:
+    from valve.nbd import is_nbd_uri
 
     path = args.target
     size = None
@@ -109,6 +169,11 @@ def format_target(args: argparse.Namespace) -> int:
         raise UsageError("label is longer than 64 bytes", 1)
     mmp = parse_features(args.features).get("mmp")
     interval_ms = mmp_interval_ms(args.mmp_interval)
+    if is_nbd_uri(path):
+        if size is not None:
+            raise UsageError("--size applies to image files; an NBD export has the size its "
+                             "server gives it", 1)
+        return format_export(args, path, mmp, interval_ms)
 
     created = False
     if not os.path.exists(path):
@@ -140,20 +205,9 @@ def format_target(args: argparse.Namespace) -> int:
         elif os.path.getsize(path) < MIN_SIZE and stat.S_ISREG(os.stat(path).st_mode):
             raise UsageError(f"{path} is smaller than 16M; give --size", 1)
         started = time.monotonic()
-
-        def progress(message: str) -> None:
-            if not args.quiet and time.monotonic() - started > 0.5:
-                print(f"{PROG}: {message}", file=sys.stderr)
-
         try:
             with open_device(path, read_only=False) as dev:
-                if not args.quiet:
-                    info = dev.block_info()
-                    total = info.sector_size * info.total_sectors
-                    print(f"Creating NexFS volume on {path}: {total / (1 << 30):.2f} GiB, "
-                          f"{info.sector_size}-byte sectors")
-                FileSystem.format(dev, label=args.label, progress=progress, mmp=mmp,
-                                  mmp_interval_ms=interval_ms)
+                _format(dev, path, args, started, mmp, interval_ms)
         except UsageError as exc:
             exc.code = 1
             raise

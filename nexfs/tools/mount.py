@@ -62,7 +62,8 @@ ATIME_OPTIONS = {"noatime": "noatime", "relatime": "relatime", "strictatime": "s
                  "atime": "relatime"}
 
 DESCRIPTION = """\
-Mount the NexFS volume in TARGET (an image file or a block device) on MOUNTPOINT.
+Mount the NexFS volume in TARGET (an image file, a block device, or an NBD export:
+nbd://host[:port]/export, nbd+unix:///export?socket=PATH) on MOUNTPOINT.
 With no arguments, mount ./nexfs.img on ./mnt in the foreground, creating and formatting a
 sparse 4 GiB image and the directory if they do not exist."""
 
@@ -77,6 +78,9 @@ mount options (-o, comma-separated):
                      and written at the next commit), e.g. 64M (default 64M; 0: none)
   commit=SECONDS     commit the running transaction this often (default 5)
   acl, noacl         POSIX access control lists (setfacl/getfacl) on or off (default acl)
+  nbd_timeout=SECONDS
+                     an NBD export's request timeout: past it the connection is dropped,
+                     the request fails (EIO) and the volume goes read-only (default 30)
   dev, nodev, suid, nosuid, exec, noexec, sync, async, dirsync
                      passed to the kernel as mount flags
   rw, defaults, auto, noauto, user, nofail, _netdev, x-*, comment=...
@@ -133,6 +137,7 @@ class MountConfig:
     cache_blocks: int | None = None
     data_cache_blocks: int | None = None
     commit_interval: float | None = None
+    nbd_timeout: float | None = None
     acl: bool = True
     kernel_options: list[str] = field(default_factory=list)
     log_file: str | None = None
@@ -181,6 +186,15 @@ def parse_options(texts: list[str], config: MountConfig) -> None:
                     raise MountError(f"commit={value}: give seconds between 0 and 3600",
                                      EXIT_USAGE)
                 config.commit_interval = seconds or None  # 0: the default, as for ext4
+            elif name == "nbd_timeout":
+                try:
+                    seconds = float(value)
+                except ValueError:
+                    seconds = -1
+                if not 0 < seconds <= 86400:
+                    raise MountError(f"nbd_timeout={value}: give seconds between 0 and 86400",
+                                     EXIT_USAGE)
+                config.nbd_timeout = seconds
             elif option in KERNEL_OPTIONS:
                 config.kernel_options.append(option)
             else:
@@ -193,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("target", nargs="?", metavar="TARGET", help="image file or block device")
+    parser.add_argument("target", nargs="?", metavar="TARGET",
+                        help="image file, block device or NBD URI")
     parser.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT", help="an existing directory")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                         help="comma-separated mount options (below)")
@@ -212,8 +227,11 @@ def parse_args(argv: list[str] | None) -> MountConfig:
         raise MountError("give both TARGET and MOUNTPOINT, or neither for the default "
                          f"(./{DEFAULT_IMAGE} on ./{DEFAULT_MOUNTPOINT})", EXIT_USAGE)
     default_mode = args.target is None
+    from valve.nbd import is_nbd_uri
+
+    target = args.target or DEFAULT_IMAGE
     config = MountConfig(
-        image=os.path.abspath(args.target or DEFAULT_IMAGE),
+        image=target if is_nbd_uri(target) else os.path.abspath(target),
         mountpoint=os.path.abspath(args.mountpoint or DEFAULT_MOUNTPOINT),
         foreground=args.foreground or default_mode,
         debug=args.debug,
@@ -242,14 +260,18 @@ def prepare_default(config: MountConfig) -> None:
 
 def check_paths(config: MountConfig) -> None:
     """Refuse the common mistakes before forking, with one line each."""
-    try:
-        st = os.stat(config.image)
-    except FileNotFoundError:
-        raise MountError(f"{config.image}: no such file or device") from None
-    except OSError as exc:
-        raise MountError(f"{config.image}: {exc.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise MountError(f"{config.image} is a directory, not an image file or device")
+    from valve.nbd import is_nbd_uri
+
+    # An NBD export is checked by connecting to it, in the daemon (open_volume).
+    if not is_nbd_uri(config.image):
+        try:
+            st = os.stat(config.image)
+        except FileNotFoundError:
+            raise MountError(f"{config.image}: no such file or device") from None
+        except OSError as exc:
+            raise MountError(f"{config.image}: {exc.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise MountError(f"{config.image} is a directory, not an image file or device")
     try:
         st = os.stat(config.mountpoint)
     except FileNotFoundError:
@@ -429,7 +451,8 @@ def open_volume(config: MountConfig, seams: Seams = NO_SEAMS) -> tuple[Any, Any,
         if seams.open_device is not None:
             valve = seams.open_device(config.image, config.read_only)
         else:
-            valve = Valve.open(config.image, read_only=config.read_only)
+            valve = Valve.open(config.image, read_only=config.read_only,
+                               nbd_timeout=config.nbd_timeout)
     except DeviceBusyError as exc:
         raise MountError(f"{exc}; is it already mounted? (see /proc/mounts)") from None
     except OSError as exc:
