@@ -49,7 +49,7 @@ def daemon_pid(mountpoint: Path) -> int:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(a.endswith(b"mount.py") or a.endswith(b"nexfs") for a in argv) and \
+        if any(a.endswith((b"mount.py", b"nexfs", b"nexfs.tools.cli")) for a in argv) and \
                 os.fsencode(mountpoint) in argv:
             return int(entry)
     raise AssertionError(f"no mount.py process serves {mountpoint}")
@@ -206,21 +206,19 @@ HELPER_DIR = Path("/usr/local/sbin")
 def fuse_helper() -> Iterator[Path]:
     """mount(8) runs helpers with a fixed PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:
     /usr/bin:/sbin:/bin) whatever the caller's PATH, so mount.fuse3 finds ``nexfs`` only
-    there.  Install a link to this checkout's command for the test, and remove it after."""
+    there.  Install this checkout's command for the test, and remove it after.  A wrapper
+    with this checkout on PYTHONPATH, not a link to the venv's script: that one imports the
+    checkout the venv was installed from, which in a git worktree is another one."""
     if os.geteuid() != 0:
         pytest.skip("mount -t needs root")
     helper = HELPER_DIR / "nexfs"
     if helper.exists() or helper.is_symlink():
         yield helper  # an installed nexfs: use it as it is
         return
-    script = Path(PYTHON).parent / "nexfs"
     HELPER_DIR.mkdir(parents=True, exist_ok=True)
-    if script.exists():
-        helper.symlink_to(script)
-    else:
-        env = child_env()["PYTHONPATH"]
-        helper.write_text(f'#!/bin/sh\nPYTHONPATH="{env}" exec {PYTHON} -m nexfs.tools.cli "$@"\n')
-        helper.chmod(0o755)
+    env = child_env()["PYTHONPATH"]
+    helper.write_text(f'#!/bin/sh\nPYTHONPATH="{env}" exec {PYTHON} -m nexfs.tools.cli "$@"\n')
+    helper.chmod(0o755)
     try:
         yield helper
     finally:
