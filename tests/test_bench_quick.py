@@ -15,6 +15,7 @@ from pathlib import Path
 
 import matplotlib  # noqa: F401  (a missing chart library must fail the run, not skip it)
 import pytest
+from mountutil import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +32,9 @@ def test_quick_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "nexfs.tools.cli", "bench", "--quick", "--out", str(out),
          "--workdir", str(work)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        # child_env: the venv's mkfs.nexfs and mount.nexfs the bench runs must import this
+        # checkout, not the one the venv was installed from.
+        cwd=ROOT, capture_output=True, text=True, timeout=420, env=child_env(),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -39,11 +42,11 @@ def test_quick_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     assert {"config", "environment", "units", "samples", "summary", "peak_rss_mib",
             "nexfs_peak_rss_mib", "mount_1tib_s"} <= set(result)
     assert result["config"]["mode"] == "quick"
-    assert set(result["samples"]) == {"nexfs", "fuse2fs", "ext4", "raw", "ceiling"}
+    assert set(result["samples"]) == {"nexfs", "nbd", "fuse2fs", "ext4", "raw", "ceiling"}
     for workload in ("seq-write-1m", "seq-read-1m", "seq-read-1m-direct",
                      "randread-4k-qd1-direct", "randwrite-4k-qd1-direct", "tar-extract",
                      "find-stat", "rm-rf", "create", "lookup-random"):
-        for system in ("nexfs", "fuse2fs", "ext4"):
+        for system in ("nexfs", "nbd", "fuse2fs", "ext4"):
             assert result["samples"][system][workload][0] > 0, (system, workload)
         assert {"fuse2fs", "ext4"} <= set(result["summary"]["ratios"][workload]), workload
     # The reference systems run every fio job the efficiency targets need, in the same run.
