@@ -51,9 +51,13 @@ def tool(*argv: str | os.PathLike[str], timeout: float = 120) -> subprocess.Comp
     """Run a console script from the venv (``tool("fsck.nexfs", "-n", img)``); the result
     never carries a traceback (a user mistake or a damaged volume is one line, not a crash).
     """
+    from mountutil import child_env
+
     args = [str(a) for a in argv]
+    # child_env: the script must import this checkout, not the one the venv was installed
+    # from (tests/test_tool_checkout.py).
     result = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True,
-                            timeout=timeout, check=False)
+                            timeout=timeout, check=False, env=child_env())
     assert "Traceback" not in result.stderr + result.stdout, (args, result.stderr)
     return result
 
