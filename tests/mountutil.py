@@ -59,7 +59,7 @@ def make_image(path: Path, size: str = TEST_IMAGE_SIZE) -> Path:
     return path
 
 
-def fsck(image: Path, *args: str) -> tuple[int, str]:
+def fsck(image: Path | str, *args: str) -> tuple[int, str]:
     """``fsck.nexfs -n -f IMAGE`` (or with ``args`` instead of ``-n -f``), in-process;
     returns (exit code, output).  0 means clean."""
     import contextlib

@@ -14,17 +14,22 @@ import re
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from imagekit import tool
 from mountutil import REPO, child_env
+from test_mount_lifecycle import fuse_helper  # noqa: F401  (fixture)
 
 SCRIPTS = sorted(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"])
 
 
 def trees(verbose_log: str) -> set[str]:
     """The directories ``nexfs/__init__.py`` was imported from."""
-    return set(re.findall(r"code object from '?(/\S+?)/nexfs/__init__\.py", verbose_log))
+    # "code object from /x/nexfs/__init__.py" (compiled) or ".../nexfs/__pycache__/__init__
+    # .cpython-311.pyc matches /x/nexfs/__init__.py" (cached): either names the directory.
+    return set(re.findall(r"(/[^\s']+?)/nexfs/(?:__init__\.py|__pycache__/__init__\.)",
+                          verbose_log))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -41,3 +46,13 @@ def test_child_env_runs_this_checkout(script: str) -> None:
     result = subprocess.run([f"{bin_dir}/{script}", "--help"], capture_output=True, text=True,
                             timeout=60, env=child_env({"PYTHONVERBOSE": "1"}), check=False)
     assert trees(result.stderr) == {str(REPO)}, (script, trees(result.stderr))
+
+
+def test_mount_t_helper_runs_this_checkout(fuse_helper: Path) -> None:  # noqa: F811
+    """The ``nexfs`` that ``mount -t fuse.nexfs`` finds, run with mount(8)'s fixed PATH and
+    nothing else in its environment.  (An nexfs installed in /usr/local/sbin fails this
+    too, rightly: the mount -t tests would test that one.)"""
+    result = subprocess.run([str(fuse_helper), "--help"], capture_output=True, text=True,
+                            timeout=60, check=False,
+                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONVERBOSE": "1"})
+    assert trees(result.stderr) == {str(REPO)}, trees(result.stderr)
