@@ -50,7 +50,9 @@ def export(tmp_path: Path, *, filters: tuple[str, ...] = (), args: tuple[str, ..
         f.truncate(256 << 20)
     srv = NbdKit(tmp_path, "file", [str(backing), *args], list(filters), tcp=tcp, name=name)
     srv.start()
-    code, out = mkfs(srv.uri)
+    # Multi-mount protection is on by default for an export (no lock protects it); a short
+    # interval keeps each mount's claim at 2 x 0.2 + 1 s.
+    code, out = mkfs(srv.uri, "--mmp-interval", "0.2")
     assert code == 0, out
     return srv, backing
 

@@ -42,6 +42,8 @@ def test_mkfs_fsck_info_on_a_memory_export(tmp_path: Path) -> None:
         assert rows["Volume label"] == "over nbd"
         assert rows["Size"] == "64.0 MiB (16384 blocks of 4096 bytes)"
         assert rows["State"] == "clean"
+        # No lock protects an export (BlockInfo.exclusive is False): MMP is on by default.
+        assert rows["Multi-mount protection"].startswith("block "), rows
         # A second mkfs sees the volume through the wire and wants --force.
         again = tool("mkfs", srv.uri)
         assert again.returncode == 1
