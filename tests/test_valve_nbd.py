@@ -319,6 +319,22 @@ def test_a_stalled_server_times_out_and_is_never_used_again(tmp_path: Path,
         assert bytes(v.grant(Rights.READ).block_read(0, 1)) == pattern(1, 512)
 
 
+def test_a_slow_server_times_out(tmp_path: Path) -> None:
+    """nbdkit's delay filter: a write answered after 3 s against a 1-s timeout is EIO at
+    about 1 s, and so is every request after it (the connection is gone)."""
+    with NbdKit(tmp_path, "memory", ["4M", "delay-write=3"], ["delay"]) as srv, \
+            Valve.open(srv.uri, nbd_timeout=1) as v:
+        cap = v.grant(RW)
+        assert bytes(cap.block_read(0, 1)) == bytes(512)  # reads are not delayed
+        t0 = time.monotonic()
+        with pytest.raises(DeviceError) as err:
+            cap.block_write(0, 1, pattern(1, 512))
+        assert 0.9 < time.monotonic() - t0 < 2.5
+        assert err.value.errno == errno.EIO and "no answer within 1000 ms" in str(err.value)
+        with pytest.raises(DeviceError):
+            cap.block_read(0, 1)
+
+
 def test_a_killed_server_fails_requests_in_flight_and_later_ones(tmp_path: Path,
                                                                  backing: Path) -> None:
     srv = NbdKit(tmp_path, "file", [str(backing)], tcp=True).start()
