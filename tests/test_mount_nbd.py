@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import random
 import re
 import subprocess
 import time
@@ -23,7 +25,14 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from mountstress import check_writer, count_records, read_records, workload_command, writer_content
+from mountstress import (
+    check_renamer,
+    check_writer,
+    count_records,
+    read_records,
+    workload_command,
+    writer_content,
+)
 from mountutil import (  # noqa: F401  (fixtures)
     Mount,
     Mounter,
@@ -325,3 +334,85 @@ def test_server_killed_mid_workload_then_restarted(mounter: Mounter, tmp_path: P
         assert again.unmount() == 0
         assert_clean(srv.uri)
 
+
+
+# -- the explorer: any wire fault at any moment of a workload -----------------------------
+
+LONG = os.environ.get("NEXFS_LONG") == "1"
+FAULTS = ("kill", "stall", "errors")
+
+
+@pytest.mark.parametrize("seed", range(15 if LONG else 3))
+def test_explorer_wire_fault_at_a_random_moment(mounter: Mounter, tmp_path: Path,
+                                                seed: int) -> None:
+    """A writer and a renamer run on an NBD mount; at a random moment one of the faults
+    strikes (server killed, server stalled past the timeout, every write answered EIO).
+    Whatever was in flight: the workloads stop with an errno (never hang), the mount stays
+    up, and after the server is healthy again a remount sees every fsync'd item and the
+    export is fsck-clean."""
+    rng = random.Random(seed)
+    fault = FAULTS[seed % len(FAULTS)]
+    delay = rng.uniform(0.05, 1.5)
+    arm = tmp_path / "arm"
+    control = PauseControl(tmp_path / "pause.sock")
+    filters: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    if fault == "stall":
+        filters, args = ("pause",), (f"pause-control={control.sock}",)
+    elif fault == "errors":
+        filters, args = ("error",), ("error-pwrite=EIO", "error-pwrite-rate=100%",
+                                     f"error-pwrite-file={arm}")
+    srv, _ = export(tmp_path, filters=filters, args=args, tcp=rng.random() < 0.5)
+    with serving(srv, mounter):
+        m = mount(mounter, srv.uri, ["nbd_timeout=2"])
+        expect_wire_fault_log(m)
+        mnt = m.mountpoint
+        for d in ("w", "r"):
+            (mnt / d).mkdir()
+        os.sync()
+        procs = {
+            kind: subprocess.Popen(
+                workload_command(kind, "--dir", str(mnt / kind[0]), "--record",
+                                 str(tmp_path / f"{kind}.rec"), "--seed", str(seed),
+                                 "--count", "100000", "--seconds", "60"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+            for kind in ("writer", "renamer")}
+        try:
+            wait_until(lambda: count_records(tmp_path / "writer.rec") >= 1, 60,
+                       "the writer's first file")
+            time.sleep(delay)  # the random moment of the fault, not a synchronisation
+            if fault == "kill":
+                srv.kill()
+            elif fault == "stall":
+                control.pause()
+            else:
+                arm.touch()
+            outcomes = {kind: p.communicate(timeout=90) for kind, p in procs.items()}
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        for kind, p in procs.items():
+            # 3: stopped by an OSError (EIO, or EROFS once the volume is read-only).
+            assert p.returncode == 3, (fault, kind, outcomes[kind])
+            assert re.match(r"errno (EIO|EROFS)", outcomes[kind][1]), (fault, outcomes[kind])
+        assert m.up
+        m.unmount()
+        if fault == "kill":
+            srv.start()
+        elif fault == "stall":
+            control.resume()
+        else:
+            arm.unlink()
+        again = mount(mounter, srv.uri)
+        writes = read_records(tmp_path / "writer.rec")
+        problems = check_writer(again.mountpoint / "w", writes, seed)
+        problems += check_renamer(again.mountpoint / "r", read_records(tmp_path / "renamer.rec"),
+                                  seed)
+        assert not problems, (fault, delay, problems)
+        assert again.unmount() == 0
+        code, out = fsck(srv.uri, "-y", "-f")  # the error mark, if it reached the disk
+        assert code in (0, 1), out
+        assert_clean(srv.uri)
+        print(f"seed {seed}: {fault} after {delay:.2f} s, {len(writes)} files fsync'd")
