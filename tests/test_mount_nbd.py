@@ -29,6 +29,7 @@ from mountstress import (
     check_renamer,
     check_writer,
     count_records,
+    fsync_path,
     read_records,
     workload_command,
     writer_content,
@@ -369,7 +370,9 @@ def test_explorer_wire_fault_at_a_random_moment(mounter: Mounter, tmp_path: Path
         mnt = m.mountpoint
         for d in ("w", "r"):
             (mnt / d).mkdir()
-        os.sync()
+        # Durable before the fault: an un-fsync'd mkdir is discarded with the running
+        # transaction when the volume fails, and the workloads would see ENOENT.
+        fsync_path(mnt, directory=True)
         procs = {
             kind: subprocess.Popen(
                 workload_command(kind, "--dir", str(mnt / kind[0]), "--record",
