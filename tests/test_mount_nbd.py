@@ -399,7 +399,8 @@ def test_explorer_wire_fault_at_a_random_moment(mounter: Mounter, tmp_path: Path
         for kind, p in procs.items():
             # 3: stopped by an OSError (EIO, or EROFS once the volume is read-only).
             assert p.returncode == 3, (fault, kind, outcomes[kind])
-            assert re.match(r"errno (EIO|EROFS)", outcomes[kind][1]), (fault, outcomes[kind])
+            assert re.match(r"errno (EIO|EROFS)", outcomes[kind][1]), \
+                (fault, kind, outcomes[kind], m.log_text()[-3000:])
         assert m.up
         m.unmount()
         if fault == "kill":

@@ -932,21 +932,28 @@ class FileSystem:
     @_reading
     def fsync(self, ino: int, datasync: bool) -> None:
         """Make the file's data and metadata durable (and everything committed before)."""
+        self._refuse_after_error()  # first: the inode may have gone with the failed txn
         self.inodes.get(ino)
         self._sync()
 
     @_reading
     def fsyncdir(self, ino: int) -> None:
+        self._refuse_after_error()
         self._get_dir(ino)
         self._sync()
 
-    def _sync(self) -> None:
+    def _refuse_after_error(self) -> None:
         # After an error the running transaction was discarded: changes made before the
         # failure may be lost, so no later fsync may report success (commit() on a
         # read-only volume returns quietly, which is right for the timer, not for fsync).
+        # EIO before anything else: an inode created in the discarded transaction no longer
+        # exists, and ENOENT from fsync would hide the failure (tests/test_fsync_after_error).
         if self.store.error is not None and self.store.error is not self._error_at_open:
             raise FsError(errno.EIO, f"filesystem is read-only after an error: "
                                      f"{self.store.error}")
+
+    def _sync(self) -> None:
+        self._refuse_after_error()
         self.commit(durable=True)
 
     # -- directories ------------------------------------------------------------------------
