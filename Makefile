@@ -7,7 +7,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 DEB_PKGS := python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev util-linux \
             e2fsprogs fuse2fs fio rsync sqlite3 attr acl git tar \
-            nfs-ganesha nfs-ganesha-vfs libnfs-utils
+            nfs-ganesha nfs-ganesha-vfs libnfs-utils libnbd-dev nbdkit qemu-utils
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test long deps venv lint bench bench-quick clean
@@ -22,7 +22,8 @@ deps:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py native/build.py native/nexfs_core.c native/nexfs_core.h
+$(VENV)/.installed: pyproject.toml setup.py native/build.py native/nexfs_core.c native/nexfs_core.h \
+                    native/nbd_backend.c native/nbd_backend.h
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
@@ -47,7 +48,7 @@ long: venv
 	  tests/test_writebehind_faults.py tests/test_full_disk_grid.py \
 	  tests/test_hostile.py tests/test_scale.py tests/test_mount_posix.py \
 	  tests/test_mount_export.py tests/test_mount_acl.py \
-	  tests/test_mount_dio.py
+	  tests/test_mount_dio.py tests/test_mount_nbd.py tests/test_mmp.py
 	$(PY) -m pip install -q atheris
 	mkdir -p /tmp/nexfs-fuzz-corpus
 	$(PY) fuzz/fuzz_valve.py -max_total_time=600 /tmp/nexfs-fuzz-corpus fuzz/regressions
