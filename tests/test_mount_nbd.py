@@ -420,3 +420,36 @@ def test_explorer_wire_fault_at_a_random_moment(mounter: Mounter, tmp_path: Path
         assert code in (0, 1), out
         assert_clean(srv.uri)
         print(f"seed {seed}: {fault} after {delay:.2f} s, {len(writes)} files fsync'd")
+
+
+# -- two daemons against one export (multi-mount protection, nexfs/store/mmp.py) ----------
+
+
+def test_two_daemons_on_one_export(mounter: Mounter, tmp_path: Path) -> None:
+    """No lock protects an export, so mkfs turned multi-mount protection on: a second daemon
+    (over TCP, while the first came in over the same TCP export) is refused while the first
+    serves, naming it; after the first is killed with SIGKILL a third waits for the block to
+    stand still and takes the volume over with every fsync'd byte; the export is fsck-clean."""
+    from test_mount_mmp import WAIT, refused
+
+    srv, _ = export(tmp_path, tcp=True)
+    with serving(srv, mounter):
+        first = mount(mounter, srv.uri)
+        with open(first.mountpoint / "kept", "wb") as f:
+            f.write(b"k" * 10000)
+            os.fsync(f.fileno())
+        second = Mount(cast(Path, srv.uri), mounter.mountpoint(),
+                       mounter.tmp_path / f"mount-{len(mounter.mounts)}.log", [])
+        mounter.mounts.append(second)
+        assert first.proc is not None
+        line = refused(second)
+        assert f"the volume is in use by host {os.uname().nodename} (pid {first.proc.pid})" \
+               in line, line
+        assert (first.mountpoint / "kept").read_bytes() == b"k" * 10000  # undisturbed
+        first.kill()  # the block stays claimed; nobody updates it any more
+        started = time.monotonic()
+        third = mount(mounter, srv.uri)
+        assert time.monotonic() - started >= WAIT
+        assert (third.mountpoint / "kept").read_bytes() == b"k" * 10000
+        assert third.unmount() == 0
+        assert_clean(srv.uri)
