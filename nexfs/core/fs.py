@@ -23,7 +23,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nexfs.core import acl as acls
 from nexfs.core import clock, perms
@@ -35,6 +35,9 @@ from nexfs.ondisk.metablock import BLOCK_SIZE
 from nexfs.store.failure import FailurePolicy
 from nexfs.store.store import Store
 from nexfs.types import CorruptionError, FsError, InodeNo
+
+if TYPE_CHECKING:
+    from nexfs.store.inflight import DeviceReads, ReadGroup
 
 log = logging.getLogger(__name__)
 
@@ -885,6 +888,25 @@ class FileSystem:
         data = self.objects.data(inode).read(offset, size)
         self._note_access(inode)
         return data
+
+    @_reading
+    def read_start(self, ino: int, offset: int, size: int,
+                   reads: DeviceReads) -> bytes | tuple[memoryview, ReadGroup, int, int] | None:
+        """:meth:`read` with its device part left in flight (``FileData.read_start``)."""
+        inode = self._regular_file(ino)
+        started = self.objects.data(inode).read_start(offset, size, reads)
+        if started is not None:
+            self._note_access(inode)
+        return started
+
+    @_reading
+    def read_finish(self, group: ReadGroup) -> None:
+        """After ``group.done``: raise its device error as the read's FsError (quiet to
+        the caller's errno, like ``Store.read_data``; the log says why)."""
+        e = group.error
+        if e is not None:
+            log.error("device error reading file data: %s", e)
+            raise FsError(e.errno or errno.EIO, f"reading file data: {e}") from e
 
     @_reading
     def atime_due(self, ino: int) -> bool:

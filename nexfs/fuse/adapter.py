@@ -42,8 +42,10 @@ import trio
 
 from nexfs.core.attr import Attr, Ctx, SetAttr
 from nexfs.core.fs import FileSystem
+from nexfs.fuse import loop as fuseloop
 from nexfs.fuse.invalidate import drop_cached_pages
 from nexfs.fuse.stats import STATS_XATTR, Stats, hit_rate
+from nexfs.store.inflight import ReadGroup
 from nexfs.types import CorruptionError, FsError
 
 log = logging.getLogger(__name__)
@@ -432,8 +434,30 @@ class FuseAdapter(pyfuse3.Operations):
         self._note_direct(fh, entry.st_ino, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
+    # pyfuse3 replies with any buffer (PyObject_GetBuffer); its stub says bytes.
+    async def read(  # type: ignore[override]
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
+        started = await self.read_start(fh, off, size)
+        if not isinstance(started, tuple):
+            return started
+        # The device part is in flight on the valve's ring (nexfs/store/inflight.py): other
+        # workers serve the next requests until it completes.
+        buf, group, lo, length = started
+        if not group.done.is_set():
+            await fuseloop.await_device(group.done.wait)
+        reads = self.fs.store.data.reads
+        assert reads is not None
+        # Back to the pool before the reply is sent: no other task runs before pyfuse3 has
+        # sent it (no checkpoint in between), and only then may the buffer be reused.
+        reads.give_buffer(buf)
+        await self.read_finish(group)
+        return buf[lo : lo + length]
+
     @_handler
-    def read(self, fh: int, off: int, size: int) -> bytes:
+    def read_start(self, fh: int, off: int,
+                   size: int) -> bytes | tuple[memoryview, ReadGroup, int, int]:
+        """The core's part of ``read``: all of it, or all but the device reads in flight."""
         ino = self._handle(fh)[0]
         if ino in self._direct_open and fh not in self._direct:
             # This READ may fill the page cache while an O_DIRECT write is queued.  (A READ
@@ -441,7 +465,19 @@ class FuseAdapter(pyfuse3.Operations):
             # rare page-cache fill through such a handle, docs/DESIGN.md, is not counted,
             # so that mixed O_DIRECT reads and writes cost nothing extra.)
             self._read_since_inval.add(ino)
+        reads = self.fs.store.data.reads
+        # Alone, a read blocks: waiting on the ring costs a wake-up and a scheduler pass
+        # (docs/BENCHMARKS.md).  It goes in flight when there is something to do meanwhile:
+        # a request already queued, or other reads in flight.
+        if reads is not None and (reads.in_flight or fuseloop.requests_waiting()):
+            started = self.fs.read_start(ino, off, size, reads)
+            if started is not None:
+                return started
         return self.fs.read(ino, off, size)
+
+    @_handler
+    def read_finish(self, group: ReadGroup) -> None:
+        self.fs.read_finish(group)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         written = await self.write_data(fh, off, buf)

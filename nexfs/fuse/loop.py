@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import select
 import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -70,24 +70,49 @@ class _LowLevel(types.ModuleType):
 
     def __init__(self) -> None:
         super().__init__("trio.lowlevel")
-        self._polls: dict[int, select.poll] = {}
+        self.polls: dict[int, select.poll] = {}
         self._budget = YIELD_EVERY
+        self.extra: tuple[int, Callable[[], object]] | None = None
+        self.fuse: select.poll | None = None  # /dev/fuse alone, for requests_waiting()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio.lowlevel, name)
 
     async def wait_readable(self, fd: int) -> None:
-        if self._budget > 0:
-            poller = self._polls.get(fd)
+        extra = self.extra
+        while self._budget > 0:
+            poller = self.polls.get(fd)
             if poller is None:
-                poller = self._polls[fd] = select.poll()
+                self.fuse = select.poll()
+                self.fuse.register(fd, _READY)
+                poller = self.polls[fd] = select.poll()
                 poller.register(fd, _READY)
+                if extra is not None:
+                    poller.register(extra[0], _READY)
             events = poller.poll(SPIN_MS)
-            if events and not events[0][1] & _BAD:
+            if not events:
+                break  # idle: wait in trio
+            fuse = bad = False
+            for efd, ev in events:
+                if efd == fd:
+                    fuse, bad = True, bool(ev & _BAD)
+                elif extra is not None:
+                    extra[1]()  # reads in flight completed: wake their handlers
+            if bad:
+                break
+            if fuse:
                 self._budget -= 1
                 return
+            # Only completions: wait in trio, so that the woken handlers reply first (a
+            # checkpoint would not do: trio may run this task again before them, and the
+            # next poll would hold the loop for SPIN_MS with their replies unsent).
+            break
         self._budget = YIELD_EVERY
         await trio.lowlevel.wait_readable(fd)
+
+
+_LOW = _LowLevel()
+"""The ``trio.lowlevel`` pyfuse3 sees while :func:`serve` runs."""
 
 
 class _Trio(types.ModuleType):
@@ -95,11 +120,12 @@ class _Trio(types.ModuleType):
 
     def __init__(self) -> None:
         super().__init__("trio")
-        self.lowlevel = _LowLevel()
+        self.lowlevel = _LOW
         self.Lock = FreeLock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio, name)
+
 
 
 _helpers: trio.Nursery | None = None
@@ -146,6 +172,48 @@ async def serve() -> None:
         namespace["trio"] = real
 
 
+def watch(fd: int, dispatch: Callable[[], object] | None = None) -> None:
+    """Also watch ``fd`` (the ring's eventfd, nexfs/store/inflight.py) while polling /dev/fuse:
+    when it is readable, ``dispatch()`` completes the reads in flight and the loop yields
+    once so that their handlers reply.  Without this a ring completion would wait for the
+    poll's timeout.  ``watch(-1, ...)`` stops."""
+    _LOW.extra = (fd, dispatch) if fd >= 0 and dispatch is not None else None
+    _LOW.polls.clear()
+
+
+def requests_waiting() -> bool:
+    """Whether the kernel has a request queued that no worker is reading (a zero-timeout
+    poll of /dev/fuse: about a microsecond).  False outside :func:`serve`."""
+    fuse = _LOW.fuse
+    return fuse is not None and bool(fuse.poll(0))
+
+
+def _start_helper_if_needed() -> None:
+    """Every worker is inside a wait that needs others to serve: start one more."""
+    global _workers
+    if _helpers is not None and _waiting >= _workers and _workers <= MAX_HELPERS:
+        import pyfuse3
+
+        # pyfuse3's worker loop is not in its typed interface; every 3.x release has it.
+        worker = getattr(pyfuse3, "_session_loop", None)
+        if worker is not None:
+            _workers += 1
+            _helpers.start_soon(worker, _helpers, _FOREVER, 0,
+                                name=f"nexfs-helper-{_workers - 1}")
+
+
+async def await_device(wait: Callable[[], Awaitable[object]]) -> None:
+    """Await ``wait()`` (a device transfer in flight) from a request handler while other
+    workers serve the next requests (started as :func:`serve_while` starts them)."""
+    global _waiting
+    _waiting += 1
+    try:
+        _start_helper_if_needed()
+        await wait()
+    finally:
+        _waiting -= 1
+
+
 async def serve_while(fn: Callable[[], object], timeout: float) -> bool:
     """Run the blocking ``fn`` on a thread while another worker serves requests; True if
     it finished within ``timeout`` seconds (else it is left to finish on its own).
@@ -156,18 +224,10 @@ async def serve_while(fn: Callable[[], object], timeout: float) -> bool:
     never to end before the session, never to start workers itself), up to
     :data:`MAX_HELPERS`.  Outside
     :func:`serve` (unit tests) there are no helpers and only the timeout bounds the wait."""
-    global _waiting, _workers
+    global _waiting
     _waiting += 1
     try:
-        if _helpers is not None and _waiting >= _workers and _workers <= MAX_HELPERS:
-            import pyfuse3
-
-            # pyfuse3's worker loop is not in its typed interface; every 3.x release has it.
-            worker = getattr(pyfuse3, "_session_loop", None)
-            if worker is not None:
-                _workers += 1
-                _helpers.start_soon(worker, _helpers, _FOREVER, 0,
-                                    name=f"nexfs-helper-{_workers - 1}")
+        _start_helper_if_needed()
         with trio.move_on_after(timeout):
             await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
             return True

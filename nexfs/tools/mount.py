@@ -474,6 +474,11 @@ def open_volume(config: MountConfig, seams: Seams = NO_SEAMS) -> tuple[Any, Any,
                 with contextlib.suppress(OSError):
                     mmp.release()
             raise
+        # Data reads in flight on a valve ring (nexfs/store/inflight.py); a device wrapper
+        # that is not a valve capability (test seams) keeps the blocking reads.
+        from nexfs.store.inflight import DEPTH
+
+        fs.store.data.attach_ring(valve.ring(DEPTH))
         if mmp is not None and mmp.seq is None:
             # Lost while the journal was replayed: stop writing before anything else runs.
             fs.failures.enter("multi-mount protection: the volume was claimed by another "
@@ -516,7 +521,14 @@ async def _serve_loop(ops: Any, config: MountConfig, stop: StopRequest, mmp: Any
         else:
             nursery.start_soon(ops.commit_periodically, config.commit_interval)
         nursery.start_soon(watch_signals, config.mountpoint, stop)
-        await fuseloop.serve()
+        reads = ops.fs.store.data.reads
+        if reads is not None:
+            nursery.start_soon(reads.reaper)
+            fuseloop.watch(reads.fileno(), reads.dispatch)
+        try:
+            await fuseloop.serve()
+        finally:
+            fuseloop.watch(-1)
         nursery.cancel_scope.cancel()
 
 
