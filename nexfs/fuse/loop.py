@@ -16,6 +16,12 @@ every :data:`YIELD_EVERY`-th wait goes through trio's own ``wait_readable``; an 
 also waits in trio (after at most ``SPIN_MS`` in ``poll``), so it sleeps in ``epoll_wait``
 like any trio program.
 
+Reads in flight (nexfs/store/inflight.py): :func:`watch` adds the valve ring's eventfd to
+that poll, so a completion is dispatched at once rather than after ``SPIN_MS``;
+:func:`await_device` is how a read handler waits for its device transfer while other
+workers serve (started like :func:`serve_while`'s helpers); :func:`requests_waiting` tells a
+read whether there is anything to serve meanwhile.
+
 A handler that must wait for the kernel to do something the kernel can only finish once the
 daemon has answered other requests (dropping cached pages after an O_DIRECT write waits for
 pages locked by reads queued behind it: nexfs/fuse/invalidate.py) calls :func:`serve_while`.  The
@@ -70,49 +76,41 @@ class _LowLevel(types.ModuleType):
 
     def __init__(self) -> None:
         super().__init__("trio.lowlevel")
-        self.polls: dict[int, select.poll] = {}
+        # fd -> (the extra watch it was made with, a poller of fd and that watch's fd)
+        self._polls: dict[int, tuple[object, select.poll]] = {}
         self._budget = YIELD_EVERY
-        self.extra: tuple[int, Callable[[], object]] | None = None
-        self.fuse: select.poll | None = None  # /dev/fuse alone, for requests_waiting()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio.lowlevel, name)
 
     async def wait_readable(self, fd: int) -> None:
-        extra = self.extra
-        while self._budget > 0:
-            poller = self.polls.get(fd)
-            if poller is None:
-                self.fuse = select.poll()
-                self.fuse.register(fd, _READY)
-                poller = self.polls[fd] = select.poll()
+        global _fuse_poller
+        extra = _watched
+        if self._budget > 0:
+            made = self._polls.get(fd)
+            if made is None or made[0] is not extra:
+                alone = select.poll()
+                alone.register(fd, _READY)
+                _fuse_poller = alone
+                poller = select.poll()
                 poller.register(fd, _READY)
                 if extra is not None:
                     poller.register(extra[0], _READY)
-            events = poller.poll(SPIN_MS)
-            if not events:
-                break  # idle: wait in trio
+                made = self._polls[fd] = (extra, poller)
             fuse = bad = False
-            for efd, ev in events:
+            for efd, ev in made[1].poll(SPIN_MS):
                 if efd == fd:
                     fuse, bad = True, bool(ev & _BAD)
                 elif extra is not None:
                     extra[1]()  # reads in flight completed: wake their handlers
-            if bad:
-                break
-            if fuse:
+            if fuse and not bad:
                 self._budget -= 1
                 return
-            # Only completions: wait in trio, so that the woken handlers reply first (a
-            # checkpoint would not do: trio may run this task again before them, and the
-            # next poll would hold the loop for SPIN_MS with their replies unsent).
-            break
+            # Idle, or only completions: wait in trio.  After completions a checkpoint and
+            # another poll would not do: trio may run this task again before the woken
+            # handlers, and the poll would then hold the loop for SPIN_MS, replies unsent.
         self._budget = YIELD_EVERY
         await trio.lowlevel.wait_readable(fd)
-
-
-_LOW = _LowLevel()
-"""The ``trio.lowlevel`` pyfuse3 sees while :func:`serve` runs."""
 
 
 class _Trio(types.ModuleType):
@@ -120,13 +118,17 @@ class _Trio(types.ModuleType):
 
     def __init__(self) -> None:
         super().__init__("trio")
-        self.lowlevel = _LOW
+        self.lowlevel = _LowLevel()
         self.Lock = FreeLock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio, name)
 
 
+_watched: tuple[int, Callable[[], object]] | None = None
+"""(eventfd, dispatch) that the loop's poll watches next to /dev/fuse (:func:`watch`)."""
+_fuse_poller: select.poll | None = None
+"""A poller of /dev/fuse alone, for :func:`requests_waiting`."""
 
 _helpers: trio.Nursery | None = None
 """Where :func:`serve_while` starts its helper workers; set while :func:`serve` runs."""
@@ -174,17 +176,17 @@ async def serve() -> None:
 
 def watch(fd: int, dispatch: Callable[[], object] | None = None) -> None:
     """Also watch ``fd`` (the ring's eventfd, nexfs/store/inflight.py) while polling /dev/fuse:
-    when it is readable, ``dispatch()`` completes the reads in flight and the loop yields
-    once so that their handlers reply.  Without this a ring completion would wait for the
-    poll's timeout.  ``watch(-1, ...)`` stops."""
-    _LOW.extra = (fd, dispatch) if fd >= 0 and dispatch is not None else None
-    _LOW.polls.clear()
+    when it is readable, ``dispatch()`` completes the reads in flight and the wait goes on
+    in trio, so that their handlers reply first.  Without this a ring completion would wait for the
+    poll's timeout.  ``watch(-1)`` stops."""
+    global _watched
+    _watched = (fd, dispatch) if fd >= 0 and dispatch is not None else None
 
 
 def requests_waiting() -> bool:
     """Whether the kernel has a request queued that no worker is reading (a zero-timeout
     poll of /dev/fuse: about a microsecond).  False outside :func:`serve`."""
-    fuse = _LOW.fuse
+    fuse = _fuse_poller
     return fuse is not None and bool(fuse.poll(0))
 
 
