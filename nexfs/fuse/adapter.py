@@ -64,6 +64,11 @@ attribute the core changes on its own is atime: the kernel drops what it cached 
 it sent, and the adapter tells it to when an open sets the atime.  With the writeback cache
 the kernel owns size and mtime of open files anyway."""
 
+CONCURRENT_SPAN = 64
+"""Reads that go in flight after one found another request queued or reads in flight
+(measured, docs/BENCHMARKS.md: alone, blocking is faster; among concurrent ones, a
+blocking read costs the others more than its ring wait costs it)."""
+
 COMMIT_INTERVAL = 5.0
 """Seconds between background commits: at most this much acknowledged work is lost on a
 crash or power failure (the same promise as ext4's default ``commit=5``)."""
@@ -162,6 +167,8 @@ class FuseAdapter(pyfuse3.Operations):
         self._direct: dict[int, int] = {}
         self._direct_open: dict[int, int] = {}
         self._read_since_inval: set[int] = set()
+        # Reads in flight (read_start): reads handled, and until which one they go in flight.
+        self._reads_seen = self._concurrent_until = 0
         self._drop_after_write: int | None = None
 
     # -- the one errno translation --------------------------------------------------------
@@ -466,13 +473,18 @@ class FuseAdapter(pyfuse3.Operations):
             # so that mixed O_DIRECT reads and writes cost nothing extra.)
             self._read_since_inval.add(ino)
         reads = self.fs.store.data.reads
-        # Alone, a read blocks: waiting on the ring costs a wake-up and a scheduler pass
-        # (docs/BENCHMARKS.md).  It goes in flight when there is something to do meanwhile:
-        # a request already queued, or other reads in flight.
-        if reads is not None and (reads.in_flight or fuseloop.requests_waiting()):
-            started = self.fs.read_start(ino, off, size, reads)
-            if started is not None:
-                return started
+        if reads is not None:
+            # Alone, a read blocks: waiting on the ring costs a wake-up and a pass through
+            # trio (docs/BENCHMARKS.md).  Reads go in flight for the next CONCURRENT_SPAN
+            # reads after one found company (a request queued, or reads in flight): a
+            # blocking read among concurrent ones would stall the others' completions.
+            self._reads_seen += 1
+            if reads.in_flight or fuseloop.requests_waiting():
+                self._concurrent_until = self._reads_seen + CONCURRENT_SPAN
+            if self._reads_seen < self._concurrent_until:
+                started = self.fs.read_start(ino, off, size, reads)
+                if started is not None:
+                    return started
         return self.fs.read(ino, off, size)
 
     @_handler
