@@ -56,7 +56,7 @@ def one_round(tree: Path, work: Path, size: str, runtime: float) -> dict[str, fl
     img.unlink(missing_ok=True)
     mnt.mkdir(exist_ok=True)
     py = sys.executable
-    subprocess.run([py, "-m", "nexfs.mkfs", "--size", "2G", "--quiet", str(img)],
+    subprocess.run([py, "-m", "nexfs.tools.mkfs", "--size", "2G", "--quiet", str(img)],
                    env=_env(tree), check=True, cwd=tree)
     with open(log, "w") as logf:
         proc = subprocess.Popen([py, str(tree / "mount.py"), str(img), str(mnt), "--foreground"],
