@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import json
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -90,9 +91,12 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
     """Turn a synchronous handler into the coroutine pyfuse3 calls, translating every error.
 
     This is the single errno translation point of the mount (see the module docstring), and
-    where every request is counted and timed for ``nexfs stats`` (nexfs/fuse/stats.py)."""
+    where every request is counted and timed for ``nexfs stats`` (nexfs/fuse/stats.py).  A
+    coroutine handler (``read``, whose device part may be in flight) is awaited inside, so its
+    errors and its whole time are handled alike."""
     op = fn.__name__
     counted = "write" if op == "write_data" else op  # the core's part of WRITE
+    awaited = inspect.iscoroutinefunction(fn)
 
     @functools.wraps(fn)
     async def wrapper(self: FuseAdapter, *args: Any) -> T:
@@ -106,6 +110,8 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
         start = _clock()
         try:
             result = fn(self, *args)
+            if awaited:
+                result = await cast(Any, result)
             failed = False
         except pyfuse3.FUSEError:
             raise
@@ -442,10 +448,11 @@ class FuseAdapter(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
     # pyfuse3 replies with any buffer (PyObject_GetBuffer); its stub says bytes.
+    @_handler
     async def read(  # type: ignore[override]
         self, fh: int, off: int, size: int
     ) -> bytes | memoryview:
-        started = await self.read_start(fh, off, size)
+        started = self._read_start(fh, off, size)
         if not isinstance(started, tuple):
             return started
         # The device part is in flight on the valve's ring (nexfs/store/inflight.py): other
@@ -458,12 +465,11 @@ class FuseAdapter(pyfuse3.Operations):
         # Back to the pool before the reply is sent: no other task runs before pyfuse3 has
         # sent it (no checkpoint in between), and only then may the buffer be reused.
         reads.give_buffer(buf)
-        await self.read_finish(group)
+        self.fs.read_finish(group)
         return buf[lo : lo + length]
 
-    @_handler
-    def read_start(self, fh: int, off: int,
-                   size: int) -> bytes | tuple[memoryview, ReadGroup, int, int]:
+    def _read_start(self, fh: int, off: int,
+                    size: int) -> bytes | tuple[memoryview, ReadGroup, int, int]:
         """The core's part of ``read``: all of it, or all but the device reads in flight."""
         ino = self._handle(fh)[0]
         if ino in self._direct_open and fh not in self._direct:
@@ -486,10 +492,6 @@ class FuseAdapter(pyfuse3.Operations):
                 if started is not None:
                     return started
         return self.fs.read(ino, off, size)
-
-    @_handler
-    def read_finish(self, group: ReadGroup) -> None:
-        self.fs.read_finish(group)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         written = await self.write_data(fh, off, buf)
