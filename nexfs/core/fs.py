@@ -903,7 +903,7 @@ class FileSystem:
     @_reading
     def read_finish(self, group: ReadGroup) -> None:
         """After ``group.done``: raise its device error as the read's FsError (quiet to
-        the caller's errno, like ``Store.read_data``; the log says why)."""
+        the caller's errno, like ``DataPath.read``; the log says why)."""
         e = group.error
         if e is not None:
             log.error("device error reading file data: %s", e)
