@@ -64,7 +64,7 @@ class DataPath:
 
     def cache_counters(self) -> dict[str, int]:
         """The data cache's part of ``nexfs stats``: blocks read from memory, from the device
-        through the cache and past it (large reads), and its size."""
+        through the cache and past it (large reads, and reads in flight), and its size."""
         c = self._cache
         return {"hits": c.hits, "misses": c.misses, "bypassed": c.bypassed, "blocks": len(c),
                 "capacity": c.capacity, "dirty": c.dirty_count}
