@@ -87,7 +87,8 @@ def explore(img: Path, seed: int, monitor: Monitor) -> dict[str, int]:
         monitor.reads = reads
         files: dict[str, tuple[int, bytearray]] = {}
         serial = 0
-        flight: list[tuple[memoryview, ReadGroup, int, int, bytes, str]] = []
+        # (buffer, group, lo, length, expected bytes, file name, file offset)
+        flight: list[tuple[memoryview, ReadGroup, int, int, bytes, str, int]] = []
 
         def new_file() -> None:
             nonlocal serial
@@ -96,10 +97,11 @@ def explore(img: Path, seed: int, monitor: Monitor) -> dict[str, int]:
             files[name] = (fs.create(ROOT_INO, name.encode(), 0o100644, ROOT).ino, bytearray())
 
         def settle(all_: bool) -> None:
-            while flight and (all_ or rnd.random() < 0.5):
+            # Completions are taken rarely, so that reads stay in flight across many steps.
+            while flight and (all_ or rnd.random() < 0.2):
                 reads.dispatch(wait=1 if all_ else 0)
                 for item in [f for f in flight if f[1].done.is_set()]:
-                    buf, group, lo, length, expect, name = item
+                    buf, group, lo, length, expect, name, _ = item
                     fs.read_finish(group)
                     assert bytes(buf[lo:lo + length]) == expect, (seed, name)
                     reads.give_buffer(buf)
@@ -119,14 +121,21 @@ def explore(img: Path, seed: int, monitor: Monitor) -> dict[str, int]:
                 started = fs.read_start(ino, off, size, reads)
                 if isinstance(started, tuple):
                     buf, group, lo, length = started
-                    flight.append((buf, group, lo, length, bytes(model[off:off + size]), name))
+                    flight.append((buf, group, lo, length, bytes(model[off:off + size]), name,
+                                   off))
                     counts["reads"] += 1
                 else:
                     assert started == bytes(model[off:off + size])
             elif op < 0.65:
-                # Writes aim at what reads in flight are reading, half of the time.
-                off = rnd.randrange(0, max(1, len(model)), BS) if rnd.random() < 0.5 \
-                    else rnd.randrange(0, 256 * BS)
+                # Writes aim at what a read in flight is reading, half of the time.
+                live = [f for f in flight if f[5] in files]
+                if live and rnd.random() < 0.5:
+                    target = rnd.choice(live)
+                    name = target[5]
+                    ino, model = files[name]
+                    off = target[6] - target[6] % BS
+                else:
+                    off = rnd.randrange(0, 256 * BS, BS)
                 n = rnd.choice((1, 3, 16, 40))  # the cache, or the device / write-behind
                 data = rnd.randbytes(n * BS - rnd.choice((0, 100)))
                 if any(f[5] == name for f in flight):
