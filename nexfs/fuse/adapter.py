@@ -126,6 +126,13 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
     return wrapper
 
 
+def _awaiting_handler(
+    fn: Callable[..., Coroutine[Any, Any, T]],
+) -> Callable[..., Coroutine[Any, Any, T]]:
+    """:func:`_handler` for a coroutine handler (awaited inside the wrapper), typed as such."""
+    return cast(Any, _handler(fn))
+
+
 def _brief(value: object) -> str:
     """A request argument or reply for the debug log: data buffers by their length only."""
     if isinstance(value, bytes | bytearray | memoryview) and len(value) > 64:
@@ -448,7 +455,7 @@ class FuseAdapter(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
     # pyfuse3 replies with any buffer (PyObject_GetBuffer); its stub says bytes.
-    @_handler
+    @_awaiting_handler
     async def read(  # type: ignore[override]
         self, fh: int, off: int, size: int
     ) -> bytes | memoryview:
