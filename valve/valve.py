@@ -234,6 +234,10 @@ class Valve:
         """
         if self._closed:
             self._deny("valve is closed")
+        if self._device.is_nbd:
+            # The ring's engines move O_DIRECT transfers on a local descriptor; an NBD
+            # export's transfers are libnbd's (native/nbd_backend.c).
+            raise DeviceError(errno.EOPNOTSUPP, "no ring over an NBD export", self._device.path)
         ring = Ring(_MINT, self, self._device, depth, engine, threads)
         with self._lock:
             if self._closed:
