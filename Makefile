@@ -5,7 +5,7 @@
 PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
-DEB_PKGS := python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev util-linux \
+DEB_PKGS := python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev liburing-dev util-linux \
             e2fsprogs fuse2fs fio rsync sqlite3 attr acl git tar \
             nfs-ganesha nfs-ganesha-vfs libnfs-utils libnbd-dev nbdkit qemu-utils
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -48,6 +48,8 @@ ffibuilder.set_source(
         _relative(os.path.join(HERE, "nbd_backend.c")),
     ],
     include_dirs=[_relative(HERE)],
-    libraries=["nbd"],
+    # io_uring for the asynchronous ring (Debian: liburing-dev to build, liburing2 to run);
+    # pthread for its fallback pool; libnbd for the NBD backend.
+    libraries=["nbd", "uring", "pthread"],
     extra_compile_args=["-O2", "-Wall", "-Wextra"],
 )

@@ -10,6 +10,10 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <liburing.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
 #include <limits.h>
 #include <linux/fs.h>
 #include <stdlib.h>
@@ -331,4 +335,430 @@ int nx_write(struct nx_dev *dev, uint64_t lba, const void *buf, size_t len, int 
     /* pwritev's iovec is not const-qualified, but the buffer is only read. */
     struct iovec one = {.iov_base = (void *)buf, .iov_len = len};
     return nx_writev(dev, lba, &one, 1, durable);
+}
+
+
+/* ---- Asynchronous transfers ------------------------------------------------------- */
+
+#define NX_RING_MAX_DEPTH 1024u
+#define NX_POOL_MAX 16u
+
+struct nx_req {
+    uint64_t tag;
+    uint64_t lba;
+    struct iovec *iov;      /* our copy of the caller's array (the memory stays theirs) */
+    int iovcnt;
+    int write;
+    int durable;
+    size_t total;           /* bytes */
+    int io_res;             /* io_uring: the transfer's CQE result */
+    int sync_res;           /* io_uring: the linked fsync's CQE result */
+    int waiting;            /* io_uring: CQEs still to come for this request */
+    int result;             /* final: 0 or -errno */
+    struct nx_req *next;    /* free list, pool queue, done list */
+};
+
+struct nx_ring {
+    struct nx_dev *dev;
+    int mode;
+    int efd;
+    unsigned depth;
+    unsigned inflight;      /* submitted, not reaped: touched only by the submitting thread */
+    struct nx_req *slots;
+    struct nx_req *free;
+    /* Finished, not yet handed out.  io_uring: touched only by the reaping thread;
+     * pool: under `mu`. */
+    struct nx_req *done, *done_tail;
+    struct io_uring uring;
+    /* pool */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct nx_req *queue, *queue_tail;
+    int stop;
+    unsigned nthreads;
+    pthread_t threads[NX_POOL_MAX];
+};
+
+static void push(struct nx_req **head, struct nx_req **tail, struct nx_req *req)
+{
+    req->next = NULL;
+    if (*tail)
+        (*tail)->next = req;
+    else
+        *head = req;
+    *tail = req;
+}
+
+static uint64_t iov_total(const struct iovec *iov, int iovcnt)
+{
+    uint64_t n = 0;
+    for (int i = 0; i < iovcnt; i++)
+        n += iov[i].iov_len;
+    return n;
+}
+
+static void signal_efd(int efd)
+{
+    uint64_t one = 1;
+    /* Can only fail by overflowing a counter that the reaper keeps resetting. */
+    ssize_t r = write(efd, &one, sizeof(one));
+    (void)r;
+}
+
+/* Count a finished transfer the way io_one does, and release the device. */
+static void finish(struct nx_ring *ring, struct nx_req *req)
+{
+    struct nx_dev *dev = ring->dev;
+    if (req->result == 0) {
+        count(req->write ? &dev->writes : &dev->reads, 1);
+        count(req->write ? &dev->sectors_written : &dev->sectors_read,
+              req->total / dev->sector_size);
+    }
+    leave(dev);
+}
+
+/* io_uring: both CQEs of a request are in.  A failed link, a short transfer or EINTR /
+ * EAGAIN (which io_uring may pass up for O_DIRECT) is completed synchronously here: rare,
+ * and it keeps "a short read is an error, never zero fill" in one place (transfer). */
+static void uring_settle(struct nx_ring *ring, struct nx_req *req)
+{
+    struct nx_dev *dev = ring->dev;
+    int rc = 0;
+    size_t done = 0;
+    if (req->io_res >= 0)
+        done = (size_t)req->io_res;
+    else if (req->io_res != -EINTR && req->io_res != -EAGAIN)
+        rc = req->io_res;
+    if (rc == 0 && done < req->total) {
+        /* Skip what was moved, then move the rest. */
+        struct iovec *iov = req->iov;
+        int n = req->iovcnt;
+        size_t skip = done;
+        while (n > 0 && skip >= iov->iov_len) {
+            skip -= iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (char *)iov->iov_base + skip;
+            iov->iov_len -= skip;
+        }
+        rc = transfer(dev->fd, iov, n, (off_t)(req->lba * dev->sector_size + done),
+                      req->write);
+    }
+    if (rc == 0 && req->durable) {
+        if (done == req->total && req->sync_res == 0)
+            count(&dev->barriers, 1);
+        else
+            rc = sync_fd(dev);
+    }
+    req->result = rc;
+    finish(ring, req);
+    push(&ring->done, &ring->done_tail, req);
+}
+
+static int uring_collect(struct nx_ring *ring, int wait)
+{
+    struct io_uring_cqe *cqe;
+    int got = 0;
+    for (;;) {
+        int rc = (wait && got == 0) ? io_uring_wait_cqe(&ring->uring, &cqe)
+                                    : io_uring_peek_cqe(&ring->uring, &cqe);
+        if (rc == -EINTR)
+            continue;
+        if (rc == -EAGAIN)
+            return got;
+        if (rc < 0)
+            return rc;
+        uint64_t data = cqe->user_data;
+        struct nx_req *req = &ring->slots[data >> 1];
+        if (data & 1)
+            req->sync_res = cqe->res;
+        else
+            req->io_res = cqe->res;
+        io_uring_cqe_seen(&ring->uring, cqe);
+        if (--req->waiting == 0) {
+            uring_settle(ring, req);
+            got++;
+        }
+    }
+}
+
+static int uring_start(struct nx_ring *ring, struct nx_req *req)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&ring->uring);
+    uint64_t slot = (uint64_t)(req - ring->slots);
+    /* The ring has 2 * depth entries and at most depth requests of at most 2 SQEs. */
+    if (sqe == NULL)
+        return -EBUSY;
+    off_t off = (off_t)(req->lba * ring->dev->sector_size);
+    if (req->write)
+        io_uring_prep_writev(sqe, ring->dev->fd, req->iov, (unsigned)req->iovcnt, off);
+    else
+        io_uring_prep_readv(sqe, ring->dev->fd, req->iov, (unsigned)req->iovcnt, off);
+    io_uring_sqe_set_data64(sqe, slot << 1);
+    req->waiting = 1;
+    req->sync_res = 0;
+    if (req->durable) {
+        /* Linked: the fsync starts after the write completed in full (a short or failed
+         * write cancels it, and uring_settle then does both synchronously). */
+        sqe->flags |= IOSQE_IO_LINK;
+        struct io_uring_sqe *fs = io_uring_get_sqe(&ring->uring);
+        if (fs == NULL)
+            return -EBUSY;
+        io_uring_prep_fsync(fs, ring->dev->fd, IORING_FSYNC_DATASYNC);
+        io_uring_sqe_set_data64(fs, (slot << 1) | 1);
+        req->waiting = 2;
+    }
+    int rc;
+    do {
+        rc = io_uring_submit(&ring->uring);
+    } while (rc == -EINTR);
+    return rc < 0 ? rc : 0;
+}
+
+static void *pool_worker(void *arg)
+{
+    struct nx_ring *ring = arg;
+    struct nx_dev *dev = ring->dev;
+    for (;;) {
+        pthread_mutex_lock(&ring->mu);
+        while (ring->queue == NULL && !ring->stop)
+            pthread_cond_wait(&ring->cv, &ring->mu);
+        struct nx_req *req = ring->queue;
+        if (req == NULL) {
+            pthread_mutex_unlock(&ring->mu);
+            return NULL;
+        }
+        ring->queue = req->next;
+        if (ring->queue == NULL)
+            ring->queue_tail = NULL;
+        pthread_mutex_unlock(&ring->mu);
+
+        int rc = transfer(dev->fd, req->iov, req->iovcnt,
+                          (off_t)(req->lba * dev->sector_size), req->write);
+        if (rc == 0 && req->durable)
+            rc = sync_fd(dev);
+        req->result = rc;
+        finish(ring, req);
+
+        pthread_mutex_lock(&ring->mu);
+        push(&ring->done, &ring->done_tail, req);
+        pthread_cond_broadcast(&ring->cv);
+        pthread_mutex_unlock(&ring->mu);
+        signal_efd(ring->efd);
+    }
+}
+
+static void pool_stop(struct nx_ring *ring)
+{
+    pthread_mutex_lock(&ring->mu);
+    ring->stop = 1;
+    pthread_cond_broadcast(&ring->cv);
+    pthread_mutex_unlock(&ring->mu);
+    for (unsigned i = 0; i < ring->nthreads; i++)
+        pthread_join(ring->threads[i], NULL);
+    ring->nthreads = 0;
+}
+
+static void ring_free(struct nx_ring *ring)
+{
+    if (ring->mode == NX_RING_URING)
+        io_uring_queue_exit(&ring->uring);
+    if (ring->mode == NX_RING_POOL) {
+        pool_stop(ring);
+        pthread_cond_destroy(&ring->cv);
+        pthread_mutex_destroy(&ring->mu);
+    }
+    if (ring->slots) {
+        for (unsigned i = 0; i < ring->depth; i++)
+            free(ring->slots[i].iov);
+        free(ring->slots);
+    }
+    if (ring->efd >= 0)
+        close(ring->efd);
+    free(ring);
+}
+
+int nx_ring_open(struct nx_dev *dev, int mode, unsigned depth, unsigned threads,
+                 struct nx_ring **out)
+{
+    *out = NULL;
+    if (depth == 0 || depth > NX_RING_MAX_DEPTH || mode < NX_RING_ANY || mode > NX_RING_POOL)
+        return -EINVAL;
+    if (dev->fd < 0)
+        return -EBADF;
+    struct nx_ring *ring = calloc(1, sizeof(*ring));
+    if (ring == NULL)
+        return -ENOMEM;
+    ring->dev = dev;
+    ring->depth = depth;
+    ring->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    ring->slots = calloc(depth, sizeof(*ring->slots));
+    if (ring->efd < 0 || ring->slots == NULL) {
+        int err = ring->efd < 0 ? errno : ENOMEM;
+        ring_free(ring);
+        return -err;
+    }
+    for (unsigned i = depth; i-- > 0;) {
+        ring->slots[i].next = ring->free;
+        ring->free = &ring->slots[i];
+    }
+    int rc = -ENOSYS;
+    if (mode != NX_RING_POOL) {
+        rc = io_uring_queue_init(2 * depth, &ring->uring, 0);
+        if (rc == 0) {
+            ring->mode = NX_RING_URING;
+            rc = io_uring_register_eventfd(&ring->uring, ring->efd);
+            if (rc < 0) {
+                ring_free(ring);
+                return rc;
+            }
+        } else if (mode == NX_RING_URING) {
+            ring_free(ring);
+            return rc;
+        }
+    }
+    if (rc != 0) {
+        /* The pool: a handful of threads, each blocking in preadv/pwritev. */
+        ring->mode = NX_RING_POOL;
+        pthread_mutex_init(&ring->mu, NULL);
+        pthread_cond_init(&ring->cv, NULL);
+        if (threads == 0)
+            threads = 1;
+        if (threads > NX_POOL_MAX)
+            threads = NX_POOL_MAX;
+        for (unsigned i = 0; i < threads; i++) {
+            int err = pthread_create(&ring->threads[i], NULL, pool_worker, ring);
+            if (err != 0) {
+                ring_free(ring);
+                return -err;
+            }
+            ring->nthreads++;
+        }
+    }
+    *out = ring;
+    return 0;
+}
+
+int nx_ring_fd(const struct nx_ring *ring)
+{
+    return ring->efd;
+}
+
+int nx_ring_mode(const struct nx_ring *ring)
+{
+    return ring->mode;
+}
+
+unsigned nx_ring_inflight(const struct nx_ring *ring)
+{
+    return ring->inflight;
+}
+
+int nx_ring_submit(struct nx_ring *ring, uint64_t tag, int write, uint64_t lba,
+                   const struct iovec *iov, int iovcnt, int durable)
+{
+    struct nx_dev *dev = ring->dev;
+    struct nx_req *req = ring->free;
+    if (req == NULL)
+        return -EAGAIN;
+    int rc = enter(dev);
+    if (rc < 0)
+        return rc;
+    rc = check_io(dev, lba, iov, iovcnt, write);
+    if (rc < 0) {
+        leave(dev);
+        return rc;
+    }
+    struct iovec *copy = realloc(req->iov, sizeof(*copy) * (size_t)iovcnt);
+    if (copy == NULL) {
+        leave(dev);
+        return -ENOMEM;
+    }
+    memcpy(copy, iov, sizeof(*copy) * (size_t)iovcnt);
+    ring->free = req->next;
+    req->iov = copy;
+    req->iovcnt = iovcnt;
+    req->tag = tag;
+    req->lba = lba;
+    req->write = write ? 1 : 0;
+    req->durable = (write && durable) ? 1 : 0;
+    req->total = (size_t)iov_total(iov, iovcnt);
+    req->io_res = req->result = 0;
+    ring->inflight++;
+    if (ring->mode == NX_RING_URING) {
+        rc = uring_start(ring, req);
+        if (rc < 0) {
+            /* Nothing was queued (io_uring_submit failed as a whole). */
+            ring->inflight--;
+            req->next = ring->free;
+            ring->free = req;
+            leave(dev);
+            return rc;
+        }
+        return 0;
+    }
+    pthread_mutex_lock(&ring->mu);
+    push(&ring->queue, &ring->queue_tail, req);
+    pthread_cond_signal(&ring->cv);
+    pthread_mutex_unlock(&ring->mu);
+    return 0;
+}
+
+int nx_ring_reap(struct nx_ring *ring, struct nx_completion *out, int max, int wait)
+{
+    uint64_t drained;
+    /* Reset the eventfd before looking: a completion posted after this read signals it
+     * again, so a waiter never sleeps on a completion it has not reaped. */
+    ssize_t r = read(ring->efd, &drained, sizeof(drained));
+    (void)r;
+    if ((unsigned)wait > ring->inflight)
+        wait = (int)ring->inflight;
+    int n = 0;
+    for (;;) {
+        if (ring->mode == NX_RING_URING) {
+            int rc = uring_collect(ring, 0);
+            if (rc < 0)
+                return rc;
+        } else {
+            pthread_mutex_lock(&ring->mu);
+        }
+        while (n < max && ring->done != NULL) {
+            struct nx_req *req = ring->done;
+            ring->done = req->next;
+            if (ring->done == NULL)
+                ring->done_tail = NULL;
+            out[n].tag = req->tag;
+            out[n].result = req->result;
+            n++;
+            ring->inflight--;
+            req->next = ring->free;
+            ring->free = req;
+        }
+        if (n >= wait || n >= max) {
+            if (ring->mode == NX_RING_POOL)
+                pthread_mutex_unlock(&ring->mu);
+            return n;
+        }
+        /* Block for more (only when asked to wait). */
+        if (ring->mode == NX_RING_URING) {
+            int rc = uring_collect(ring, 1);
+            if (rc < 0)
+                return rc;
+        } else {
+            pthread_cond_wait(&ring->cv, &ring->mu);
+            pthread_mutex_unlock(&ring->mu);
+        }
+    }
+}
+
+void nx_ring_close(struct nx_ring *ring)
+{
+    struct nx_completion sink[64];
+    while (ring->inflight > 0) {
+        if (nx_ring_reap(ring, sink, 64, 1) < 0)
+            break;
+    }
+    ring_free(ring);
 }

@@ -79,6 +79,60 @@ int nx_writev(struct nx_dev *dev, uint64_t lba, struct iovec *iov, int iovcnt,
 /* Durability barrier: fdatasync. */
 int nx_sync(struct nx_dev *dev);
 
+/* ---- Asynchronous transfers: a ring of requests in flight and a completion eventfd ----
+ *
+ * A ring lets one thread (an event loop) keep several transfers in flight without a
+ * thread of its own per request: nx_ring_submit checks a request exactly as nx_readv /
+ * nx_writev do (range, alignment, read-only, closing) and starts it; the ring's eventfd
+ * (nx_ring_fd) becomes readable when completions are waiting, and nx_ring_reap hands
+ * them out.  Two engines behind one interface: io_uring (the kernel runs the O_DIRECT
+ * transfer and posts the completion; no thread hop) and, where io_uring is unavailable
+ * (kernel.io_uring_disabled, seccomp), a small pool of C threads doing preadv/pwritev
+ * and signalling the eventfd.
+ *
+ * Rules: one thread submits and reaps (the ring has no lock on that side); the iovec
+ * array is copied at submit, the memory it points to must stay valid until the request
+ * is reaped; every submitted request counts as a transfer in flight of the device
+ * (nx_close waits for it), so a ring must be closed (nx_ring_close waits for and
+ * discards what is still in flight) before its device. */
+
+enum nx_ring_mode {
+    NX_RING_ANY = 0,       /* io_uring if the kernel allows it, else the pool */
+    NX_RING_URING = 1,
+    NX_RING_POOL = 2
+};
+
+struct nx_ring;
+
+struct nx_completion {
+    uint64_t tag;          /* the caller's tag from nx_ring_submit */
+    int32_t result;        /* 0, or -errno (a short transfer is continued, never reported) */
+};
+
+/* Open a ring of up to `depth` requests in flight over `dev`; `threads` is the pool's
+ * size (ignored by io_uring).  Returns 0 and sets *out, or -errno. */
+int nx_ring_open(struct nx_dev *dev, int mode, unsigned depth, unsigned threads,
+                 struct nx_ring **out);
+int nx_ring_fd(const struct nx_ring *ring);
+int nx_ring_mode(const struct nx_ring *ring);
+/* Requests submitted and not yet reaped. */
+unsigned nx_ring_inflight(const struct nx_ring *ring);
+
+/* Check and start one transfer of iov[0..iovcnt) at sector `lba` (write != 0: write,
+ * durable != 0: then fdatasync, as nx_writev).  -EAGAIN when `depth` requests are
+ * already in flight; -EINVAL/-EBADF as the synchronous forms, before anything starts. */
+int nx_ring_submit(struct nx_ring *ring, uint64_t tag, int write, uint64_t lba,
+                   const struct iovec *iov, int iovcnt, int durable);
+
+/* Copy up to `max` finished requests into out[]; returns how many (or -errno).  Does
+ * not block unless `wait` > 0: then it waits until at least min(wait, in flight) are
+ * done.  Resets the eventfd first, so a completion posted afterwards signals again. */
+int nx_ring_reap(struct nx_ring *ring, struct nx_completion *out, int max, int wait);
+
+/* Wait for every request still in flight (their results are discarded), then free the
+ * ring.  Idempotent only in the sense that `ring` is gone afterwards. */
+void nx_ring_close(struct nx_ring *ring);
+
 /* cdef-end */
 
 #endif /* NEXFS_CORE_H */

@@ -130,9 +130,9 @@ def test_no_capability_at_all() -> None:
                 getattr(Capability, name)(fake, *(() if name == "block_info" else (4096,)))
             assert "\n" not in str(exc.value)
         with pytest.raises(CapabilityError):
-            Capability.block_read(fake, 0, 1)  # type: ignore[arg-type]
+            Capability.block_read(fake, 0, 1)  # type: ignore[call-overload]
         with pytest.raises(CapabilityError):
-            Capability.block_write(fake, 0, 1, bytes(512))  # type: ignore[arg-type]
+            Capability.block_write(fake, 0, 1, bytes(512))  # type: ignore[call-overload]
         with pytest.raises(CapabilityError):
             Capability.restrict(fake, Rights.READ)  # type: ignore[arg-type]
 

@@ -64,9 +64,9 @@ def test_no_capability_no_io(valve: Valve) -> None:
     for op in ("block_read", "block_write", "block_info", "alloc_buffer"):
         assert not hasattr(valve, op)  # the valve itself offers no I/O
     with pytest.raises(CapabilityError):
-        Capability.block_read(valve, 0, 1)  # type: ignore[arg-type]
+        Capability.block_read(valve, 0, 1)  # type: ignore[call-overload]
     with pytest.raises(CapabilityError):
-        Capability.block_write(None, 0, 1, b"")  # type: ignore[arg-type]
+        Capability.block_write(None, 0, 1, b"")  # type: ignore[call-overload]
 
 
 def test_wrong_right(valve: Valve, cap: Capability) -> None:

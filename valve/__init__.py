@@ -21,7 +21,8 @@ from valve.errors import (
     RangeError,
 )
 from valve.interface import BlockDevice, BlockInfo, Buffer, Lba, Rights, ValveStats, WriteData
-from valve.valve import Capability, Valve
+from valve.ring import Completion
+from valve.valve import Capability, Ring, Valve
 
 __all__ = [
     "AlignedBuffer",
@@ -30,12 +31,14 @@ __all__ = [
     "Buffer",
     "Capability",
     "CapabilityError",
+    "Completion",
     "DeviceBusyError",
     "DeviceError",
     "DirectIONotSupported",
     "Lba",
     "RangeError",
     "Rights",
+    "Ring",
     "Valve",
     "ValveStats",
     "WriteData",

@@ -24,6 +24,7 @@ from native import ffi, lib
 from valve import nbd
 from valve.buffer import AlignedBuffer, is_valve_memory
 from valve.errors import CapabilityError, DeviceError, RangeError, io_error, open_error
+from valve.ring import Pending
 
 if TYPE_CHECKING:
     from valve.interface import Buffer
@@ -277,6 +278,77 @@ class Device:
         rc = self._c_writev(self._h, lba, iov, used, int(durable))
         self._check(rc, "write", lba, count)
         return copies
+
+    # -- asynchronous transfers (valve.ring) ------------------------------------------
+
+    @property
+    def core(self) -> Any:
+        """The ``struct nx_dev *`` (for the valve's rings; never for I/O around the valve)."""
+        return self._dev
+
+    def prepare(
+        self, write: bool, lba: int, count: int, data: Buffer | Sequence[Buffer] | None
+    ) -> tuple[Any, int, Pending, int]:
+        """The iovec of one asynchronous transfer: (iov, iovcnt, Pending, bounce copies).
+
+        The same buffer rules as the blocking forms, except that a bounce buffer is the
+        request's own (it lives until the request is reaped: the per-thread one could be
+        reused by the next request while this one is in flight).
+        """
+        nbytes = count * self.sector_size
+        iov = ffi.new("struct iovec[]", 1)
+        if not write:
+            if data is None:
+                buf = _aligned_alloc(self.buffer_align, nbytes)
+                iov[0].iov_base, iov[0].iov_len = buf, nbytes
+                view = memoryview(ffi.buffer(buf, nbytes))
+                return iov, 1, Pending(False, lba, count, nbytes, (buf,), view), 0
+            if type(data) is AlignedBuffer and self._page_aligned and len(data) >= nbytes:
+                target = ffi.from_buffer(data, require_writable=True)
+                iov[0].iov_base, iov[0].iov_len = target, nbytes
+                view = memoryview(data)
+                view = view if len(data) == nbytes else view[:nbytes]
+                return iov, 1, Pending(False, lba, count, nbytes, (data, target), view), 0
+            view = memoryview(data)  # type: ignore[arg-type]
+            if view.readonly:
+                raise TypeError("into= must be a writable buffer")
+            if view.nbytes < nbytes:
+                raise RangeError(
+                    f"into= holds {view.nbytes} bytes, the read needs {nbytes}", self.path
+                )
+            target = ffi.from_buffer(view, require_writable=True)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            if self._direct(data, target, nbytes):
+                iov[0].iov_base, iov[0].iov_len = target, nbytes
+                keep: tuple[object, ...] = (data, target)
+                return iov, 1, Pending(False, lba, count, nbytes, keep, view[:nbytes]), 0
+            bounce = _aligned_alloc(self.buffer_align, nbytes)
+            iov[0].iov_base, iov[0].iov_len = bounce, nbytes
+            keep = (data, target, bounce)
+            pending = Pending(False, lba, count, nbytes, keep, view[:nbytes], bounce, target)
+            return iov, 1, pending, 1
+        assert data is not None
+        given = list(data) if isinstance(data, list | tuple) else [data]
+        pairs = [(piece, ffi.from_buffer(piece)) for piece in given]
+        pieces = [piece for piece, src in pairs if len(src)]
+        srcs = [src for _, src in pairs if len(src)]
+        total = sum(len(src) for src in srcs)
+        if total != nbytes:
+            raise RangeError(f"data is {total} bytes, {count} sectors need {nbytes}", self.path)
+        if all(self._direct(p, s, len(s)) for p, s in zip(pieces, srcs, strict=True)):
+            iov = ffi.new("struct iovec[]", len(srcs))
+            for i, src in enumerate(srcs):
+                iov[i].iov_base, iov[i].iov_len = src, len(src)
+            return iov, len(srcs), Pending(True, lba, count, nbytes, (*pieces, *srcs), None), 0
+        # Anything not direct: the whole request goes through its own bounce buffer.
+        bounce = _aligned_alloc(self.buffer_align, nbytes)
+        at = ffi.cast("char *", bounce)
+        for src in srcs:
+            ffi.memmove(at, src, len(src))
+            at += len(src)
+        iov[0].iov_base, iov[0].iov_len = bounce, nbytes
+        return iov, 1, Pending(True, lba, count, nbytes, (bounce,), None), len(pieces)
 
     def _check(self, rc: int, what: str, lba: int, count: int) -> None:
         if rc < 0:

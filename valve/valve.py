@@ -30,17 +30,20 @@ attributes; process isolation is the FUSE boundary's job.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import threading
 import warnings
 import weakref
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, NoReturn, final
+from typing import TYPE_CHECKING, Final, NoReturn, final, overload
 
+from native import ffi, lib
 from valve.device import Device
-from valve.errors import CapabilityError, RangeError
+from valve.errors import CapabilityError, DeviceError, RangeError, io_error
 from valve.interface import BlockInfo, Rights, ValveStats
+from valve.ring import ENGINE_NAMES, ENGINES, Completion, Pending
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
     from valve.buffer import AlignedBuffer
     from valve.interface import Buffer
 
-__all__ = ["Capability", "Valve"]
+__all__ = ["Capability", "Ring", "Valve"]
 
 _READ: Final = Rights.READ.value
 _WRITE: Final = Rights.WRITE.value
@@ -106,6 +109,7 @@ class Valve:
         "_device",
         "_info",
         "_lock",
+        "_rings",
         "_tokens",
     )
 
@@ -123,6 +127,7 @@ class Valve:
         # Transfers are counted by the C core (atomically, without the GIL); only the
         # slow paths -- bounce copies and denials -- are counted here.
         self._bounces = self._denials = 0
+        self._rings: weakref.WeakSet[Ring] = weakref.WeakSet()
 
     @classmethod
     def open(
@@ -159,6 +164,10 @@ class Valve:
             for grant in self._caps.values():
                 grant.bits = 0
             self._caps.clear()
+            rings = list(self._rings)
+        # A ring's requests hold the device (in flight): wait for them first.
+        for ring in rings:
+            ring.close()
         # The core refuses new transfers and waits for those in flight before closing.
         self._device.close()
 
@@ -214,6 +223,28 @@ class Valve:
             self._deny("read-only valve cannot grant WRITE")
         lo, hi = self._window(lba_range)
         return self._mint(bits, lo, hi, None)
+
+    def ring(self, depth: int = 64, *, engine: str = "any", threads: int = 4) -> Ring:
+        """A completion channel for asynchronous transfers (``valve.ring``).
+
+        ``engine`` is ``"io_uring"``, ``"pool"`` (``threads`` C threads) or ``"any"``
+        (io_uring where the kernel allows it).  Requests are made with
+        ``cap.block_read(..., ring=r)`` / ``cap.block_write(..., ring=r)``, checked
+        when made.  Closed with the valve at the latest.
+        """
+        if self._closed:
+            self._deny("valve is closed")
+        if self._device.is_nbd:
+            # The ring's engines move O_DIRECT transfers on a local descriptor; an NBD
+            # export's transfers are libnbd's (native/nbd_backend.c).
+            raise DeviceError(errno.EOPNOTSUPP, "no ring over an NBD export", self._device.path)
+        ring = Ring(_MINT, self, self._device, depth, engine, threads)
+        with self._lock:
+            if self._closed:
+                ring.close()
+                self._deny("valve is closed")
+            self._rings.add(ring)
+        return ring
 
     def _window(self, lba_range: tuple[int, int] | None) -> tuple[int, int]:
         total = self._info.total_sectors
@@ -338,6 +369,147 @@ def _authorize(cap: Capability, need: int, what: str) -> tuple[Valve, _Grant]:
     return valve, grant
 
 
+def _submit(
+    valve: Valve,
+    ring: Ring,
+    write: bool,
+    lba: int,
+    count: int,
+    data: Buffer | Sequence[Buffer] | None,
+    durable: bool,
+) -> int:
+    """Start a checked request on ``ring``, which must be one of this valve's rings."""
+    if type(ring) is not Ring or ring._valve is not valve:
+        valve._deny("ring= is not a ring of this capability's valve")
+    iov, iovcnt, pending, copies = valve._device.prepare(write, lba, count, data)
+    tag = ring._start(write, lba, iov, iovcnt, durable, pending)
+    if copies:
+        valve._count_bounces(copies)
+    return tag
+
+
+@final
+class Ring:
+    """A completion channel for asynchronous ``block_read``/``block_write`` (``valve.ring``).
+
+    Made by ``Valve.ring(depth)``; closed by ``close()`` or with its valve at the latest.
+    Used by one thread (an event loop): submit with ``cap.block_read(..., ring=r)``, wait
+    for ``r.fileno()`` to be readable, then ``r.reap()``.
+    """
+
+    __slots__ = ("__weakref__", "_device", "_out", "_pending", "_ring", "_tags", "_valve", "depth")
+
+    def __init__(
+        self, key: object, valve: Valve, device: Device, depth: int, engine: str, threads: int
+    ) -> None:
+        if key is not _MINT:
+            raise TypeError("use Valve.ring(depth) to open a ring")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {sorted(ENGINES)}, not {engine!r}")
+        self._valve = valve
+        self._device = device
+        self.depth = depth
+        out = ffi.new("struct nx_ring **")
+        rc = lib.nx_ring_open(device.core, ENGINES[engine], depth, threads, out)
+        if rc < 0:
+            raise io_error(rc, device.path, f"open a {engine} ring of depth {depth}")
+        self._ring: object | None = out[0]
+        self._out = ffi.new("struct nx_completion[]", depth)
+        self._pending: dict[int, Pending] = {}
+        self._tags = itertools.count(1)
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a Ring holds transfers in flight and cannot be pickled")
+
+    @property
+    def engine(self) -> str:
+        """``"io_uring"`` or ``"pool"``."""
+        return ENGINE_NAMES[lib.nx_ring_mode(self._live())]
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet reaped."""
+        return len(self._pending)
+
+    @property
+    def closed(self) -> bool:
+        return self._ring is None
+
+    def fileno(self) -> int:
+        """The eventfd: readable while completions wait to be reaped."""
+        return int(lib.nx_ring_fd(self._live()))
+
+    def _live(self) -> object:
+        ring = self._ring
+        if ring is None:
+            raise CapabilityError("ring is closed", self._device.path)
+        return ring
+
+    def _start(
+        self, write: bool, lba: int, iov: object, iovcnt: int, durable: bool, pending: Pending
+    ) -> int:
+        """Hand one checked request to the core; returns its tag."""
+        ring = self._live()
+        tag = next(self._tags)
+        rc = lib.nx_ring_submit(ring, tag, int(write), lba, iov, iovcnt, int(durable))
+        if rc < 0:
+            what = "write" if write else "read"
+            if rc == -errno.EAGAIN:
+                raise DeviceError(
+                    errno.EAGAIN, f"ring full: {self.depth} requests in flight", self._device.path
+                )
+            raise self._error(rc, what, pending)
+        self._pending[tag] = pending
+        return tag
+
+    def reap(self, wait: int = 0) -> list[Completion]:
+        """The requests finished so far, in no particular order.
+
+        Never blocks with ``wait=0`` (the default: call it when ``fileno()`` is
+        readable); with ``wait=n`` it blocks (GIL released) until at least ``n`` (or
+        every request in flight, if fewer) are done.
+        """
+        ring = self._live()
+        out = self._out
+        n = lib.nx_ring_reap(ring, out, self.depth, wait)
+        if n < 0:
+            raise io_error(n, self._device.path, "reap")
+        done: list[Completion] = []
+        pending = self._pending
+        for i in range(n):
+            tag = out[i].tag
+            rc = out[i].result
+            p = pending.pop(tag)
+            if rc < 0:
+                error = self._error(rc, "write" if p.write else "read", p)
+                done.append(Completion(tag, error, None))
+            else:
+                if p.bounce is not None:
+                    ffi.memmove(p.target, p.bounce, p.nbytes)
+                done.append(Completion(tag, None, p.view))
+        return done
+
+    def _error(self, rc: int, what: str, p: Pending) -> OSError:
+        if rc == -errno.EBADF and self._device.core.closing:
+            # Lost a race with Valve.close: to the caller that is a revoked capability.
+            return CapabilityError(f"{what}: valve is closed", self._device.path)
+        return io_error(rc, self._device.path, f"{what} of {p.count} sectors at lba {p.lba}")
+
+    def close(self) -> None:
+        """Wait for every request in flight (results discarded), then free the ring."""
+        ring = self._ring
+        if ring is None:
+            return
+        self._ring = None
+        lib.nx_ring_close(ring)
+        self._pending.clear()
+
+    def __repr__(self) -> str:
+        if self._ring is None:
+            return "<Ring closed>"
+        return f"<Ring {self.engine} depth {self.depth}, {len(self._pending)} in flight>"
+
+
 @final
 class Capability:
     """The right to use part of a valve's device: ``block_info``, ``block_read``, ``block_write``.
@@ -416,7 +588,17 @@ class Capability:
         valve, _ = _authorize(self, _READ, "block_info")
         return valve._info
 
-    def block_read(self, lba: int, count: int, into: Buffer | None = None) -> memoryview:
+    @overload
+    def block_read(self, lba: int, count: int, into: Buffer | None = None) -> memoryview: ...
+
+    @overload
+    def block_read(
+        self, lba: int, count: int, into: Buffer | None = None, *, ring: Ring
+    ) -> int: ...
+
+    def block_read(
+        self, lba: int, count: int, into: Buffer | None = None, *, ring: Ring | None = None
+    ) -> memoryview | int:
         """Read ``count`` sectors at ``lba``.  Needs READ and a window covering them.
 
         Without ``into`` the data lands in fresh aligned memory (no copy).  With an
@@ -424,15 +606,37 @@ class Capability:
         ``count * sector_size`` bytes it is read straight into it; any other writable
         buffer is filled through one counted bounce copy.  Returns a memoryview of
         exactly the bytes read.
+
+        With ``ring=`` the same checks run now, the transfer starts, and the call
+        returns its tag at once; the memoryview comes with its ``Completion`` from
+        ``ring.reap()`` (see ``valve.ring``).
         """
         valve, grant = _authorize(self, _READ, "block_read")
         # The window lies inside the device, so one comparison covers both ranges.
         if count <= 0 or lba < grant.lo or lba + count > grant.hi:
             valve._refuse_range(grant, "block_read", lba, count)
+        if ring is not None:
+            return _submit(valve, ring, False, lba, count, into, False)
         view, copies = valve._device.read(lba, count, into)
         if copies:
             valve._count_bounces(copies)
         return view
+
+    @overload
+    def block_write(
+        self, lba: int, count: int, data: Buffer | Sequence[Buffer], *, durable: bool = False
+    ) -> None: ...
+
+    @overload
+    def block_write(
+        self,
+        lba: int,
+        count: int,
+        data: Buffer | Sequence[Buffer],
+        *,
+        durable: bool = False,
+        ring: Ring,
+    ) -> int: ...
 
     def block_write(
         self,
@@ -441,20 +645,27 @@ class Capability:
         data: Buffer | Sequence[Buffer],
         *,
         durable: bool = False,
-    ) -> None:
+        ring: Ring | None = None,
+    ) -> int | None:
         """Write ``count`` sectors at ``lba``.  Needs WRITE and a window covering them.
 
         ``data`` is one bytes-like object of exactly ``count * sector_size`` bytes or a
         list/tuple of them totalling that (written with one ``pwritev``; aligned valve
         buffers go without copy, the rest is bounced).  With ``durable=True`` it returns
         only once this write and every earlier one are on stable storage.
+
+        With ``ring=`` the checks run now and the call returns the request's tag at
+        once; the completion (with the barrier, when durable) comes from ``ring.reap()``.
         """
         valve, grant = _authorize(self, _WRITE, "block_write")
         if count <= 0 or lba < grant.lo or lba + count > grant.hi:
             valve._refuse_range(grant, "block_write", lba, count)
+        if ring is not None:
+            return _submit(valve, ring, True, lba, count, data, durable)
         copies = valve._device.write(lba, count, data, durable)
         if copies:
             valve._count_bounces(copies)
+        return None
 
     def alloc_buffer(self, nbytes: int) -> AlignedBuffer:
         """An ``AlignedBuffer`` of ``nbytes`` for zero-copy I/O (any live capability)."""

@@ -19,10 +19,12 @@ from nexfs.ondisk.bitmap import BPB
 from nexfs.ondisk.extents import MAX_FILE_BLOCKS, ExtentMap
 from nexfs.ondisk.inode_record import Inode
 from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.store.inflight import BUFFER_BLOCKS, ReadGroup
 from nexfs.types import BlockNo, FsError, InodeNo
 
 if TYPE_CHECKING:
     from nexfs.core.inode_cache import OwnedStore
+    from nexfs.store.inflight import DeviceReads
     from nexfs.store.store import Store
 
 MAX_FILE_SIZE = MAX_FILE_BLOCKS * BLOCK_SIZE
@@ -60,6 +62,43 @@ class FileData:
                 self.store.data.read(BlockNo(phys), n, into=view[start : start + n * BLOCK_SIZE])
         lo = offset - first * BLOCK_SIZE
         return bytes(view[lo : lo + (end - offset)])
+
+    def read_start(self, offset: int, size: int,
+                   reads: DeviceReads) -> bytes | tuple[memoryview, ReadGroup, int, int] | None:
+        """The synchronous half of a read whose device part runs on the ring
+        (nexfs/store/inflight.py): ``bytes`` when nothing is left for the device (end of file), or
+        ``(buffer, group, lo, length)``: the reply is ``buffer[lo : lo + length]`` once
+        ``group.done`` (and ``buffer`` goes back with ``reads.give_buffer``).  None: take the
+        synchronous :meth:`read` (too large, or every buffer is in use)."""
+        file_size = self.inode.size
+        if offset >= file_size or size <= 0:
+            return b""
+        end = min(offset + size, file_size)
+        first = offset // BLOCK_SIZE
+        nblocks = (end - 1) // BLOCK_SIZE - first + 1
+        if nblocks > BUFFER_BLOCKS:
+            return None
+        buf = reads.take_buffer()
+        if buf is None:
+            return None
+        group = ReadGroup()
+        try:
+            for lblk, phys, n in self.emap.map(first, nblocks):
+                start = (lblk - first) * BLOCK_SIZE
+                part = buf[start : start + n * BLOCK_SIZE]
+                if phys == 0:
+                    part[:] = bytes(n * BLOCK_SIZE)
+                    continue
+                for blkno, count, into in self.store.data.plan_read(BlockNo(phys), n, part):
+                    reads.submit(group, blkno, count, into)
+        except BaseException:
+            if group.left:
+                reads.wait_all()  # the runs already started still write into buf
+            reads.give_buffer(buf)
+            raise
+        if not group.left:
+            group.done.set()
+        return buf, group, offset - first * BLOCK_SIZE, end - offset
 
     # -- writing ----------------------------------------------------------------------------
 

@@ -22,8 +22,9 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nexfs.core import acl as acls
 from nexfs.core import clock, perms
@@ -35,6 +36,9 @@ from nexfs.ondisk.metablock import BLOCK_SIZE
 from nexfs.store.failure import FailurePolicy
 from nexfs.store.store import Store
 from nexfs.types import CorruptionError, FsError, InodeNo
+
+if TYPE_CHECKING:
+    from nexfs.store.inflight import DeviceReads, ReadGroup
 
 log = logging.getLogger(__name__)
 
@@ -887,6 +891,25 @@ class FileSystem:
         return data
 
     @_reading
+    def read_start(self, ino: int, offset: int, size: int,
+                   reads: DeviceReads) -> bytes | tuple[memoryview, ReadGroup, int, int] | None:
+        """:meth:`read` with its device part left in flight (``FileData.read_start``)."""
+        inode = self._regular_file(ino)
+        started = self.objects.data(inode).read_start(offset, size, reads)
+        if started is not None:
+            self._note_access(inode)
+        return started
+
+    @_reading
+    def read_finish(self, group: ReadGroup) -> None:
+        """After ``group.done``: raise its device error as the read's FsError (quiet to
+        the caller's errno, like ``DataPath.read``; the log says why)."""
+        e = group.error
+        if e is not None:
+            log.error("device error reading file data: %s", e)
+            raise FsError(e.errno or errno.EIO, f"reading file data: {e}") from e
+
+    @_reading
     def atime_due(self, ino: int) -> bool:
         """True when a read of ``ino`` now would update its atime."""
         return self._atime_due(self.inodes.get(ino))
@@ -906,8 +929,14 @@ class FileSystem:
         # relatime (Linux's relatime_need_update): the first read after a change, and
         # then once a day, judged with the clock the times come from (the coarse clock can
         # be behind it by a tick, and a day-old atime would then look a tick too young).
-        return (inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
-                or _now() - inode.atime_ns >= _DAY_NS)
+        if inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns:
+            return True
+        # The kernel's clock is never ahead of CLOCK_REALTIME (nexfs/core/clock.py), so a
+        # day not yet passed by that one (a vDSO read) has not passed by the kernel's
+        # either: the common case of every read costs no system call.
+        if time.time_ns() - inode.atime_ns < _DAY_NS:
+            return False
+        return _now() - inode.atime_ns >= _DAY_NS
 
     def _note_access(self, inode: Inode) -> bool:
         if not self._atime_due(inode):

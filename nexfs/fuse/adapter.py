@@ -29,21 +29,24 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import json
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 import trio
 
 from nexfs.core.attr import Attr, Ctx, SetAttr
 from nexfs.core.fs import FileSystem
+from nexfs.fuse import loop as fuseloop
 from nexfs.fuse.invalidate import drop_cached_pages
 from nexfs.fuse.stats import STATS_XATTR, Stats, hit_rate
+from nexfs.store.inflight import ReadGroup
 from nexfs.types import CorruptionError, FsError
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,11 @@ ATTR_TIMEOUT = 60.0
 attribute the core changes on its own is atime: the kernel drops what it cached after a read
 it sent, and the adapter tells it to when an open sets the atime.  With the writeback cache
 the kernel owns size and mtime of open files anyway."""
+
+CONCURRENT_SPAN = 64
+"""Reads that go in flight after one found another request queued or reads in flight
+(measured, docs/BENCHMARKS.md: alone, blocking is faster; among concurrent ones, a
+blocking read costs the others more than its ring wait costs it)."""
 
 COMMIT_INTERVAL = 5.0
 """Seconds between background commits: at most this much acknowledged work is lost on a
@@ -83,9 +91,12 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
     """Turn a synchronous handler into the coroutine pyfuse3 calls, translating every error.
 
     This is the single errno translation point of the mount (see the module docstring), and
-    where every request is counted and timed for ``nexfs stats`` (nexfs/fuse/stats.py)."""
+    where every request is counted and timed for ``nexfs stats`` (nexfs/fuse/stats.py).  A
+    coroutine handler (``read``, whose device part may be in flight) is awaited inside, so its
+    errors and its whole time are handled alike."""
     op = fn.__name__
     counted = "write" if op == "write_data" else op  # the core's part of WRITE
+    awaited = inspect.iscoroutinefunction(fn)
 
     @functools.wraps(fn)
     async def wrapper(self: FuseAdapter, *args: Any) -> T:
@@ -99,6 +110,8 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
         start = _clock()
         try:
             result = fn(self, *args)
+            if awaited:
+                result = await cast(Any, result)
             failed = False
         except pyfuse3.FUSEError:
             raise
@@ -111,6 +124,13 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
         return result
 
     return wrapper
+
+
+def _awaiting_handler(
+    fn: Callable[..., Coroutine[Any, Any, T]],
+) -> Callable[..., Coroutine[Any, Any, T]]:
+    """:func:`_handler` for a coroutine handler (awaited inside the wrapper), typed as such."""
+    return cast(Any, _handler(fn))
 
 
 def _brief(value: object) -> str:
@@ -160,6 +180,8 @@ class FuseAdapter(pyfuse3.Operations):
         self._direct: dict[int, int] = {}
         self._direct_open: dict[int, int] = {}
         self._read_since_inval: set[int] = set()
+        # Reads in flight (read_start): reads handled, and until which one they go in flight.
+        self._reads_seen = self._concurrent_until = 0
         self._drop_after_write: int | None = None
 
     # -- the one errno translation --------------------------------------------------------
@@ -432,8 +454,30 @@ class FuseAdapter(pyfuse3.Operations):
         self._note_direct(fh, entry.st_ino, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
-    @_handler
-    def read(self, fh: int, off: int, size: int) -> bytes:
+    # pyfuse3 replies with any buffer (PyObject_GetBuffer); its stub says bytes.
+    @_awaiting_handler
+    async def read(  # type: ignore[override]
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
+        started = self._read_start(fh, off, size)
+        if not isinstance(started, tuple):
+            return started
+        # The device part is in flight on the valve's ring (nexfs/store/inflight.py): other
+        # workers serve the next requests until it completes.
+        buf, group, lo, length = started
+        if not group.done.is_set():
+            await fuseloop.await_device(group.done.wait)
+        reads = self.fs.store.data.reads
+        assert reads is not None
+        # Back to the pool before the reply is sent: no other task runs before pyfuse3 has
+        # sent it (no checkpoint in between), and only then may the buffer be reused.
+        reads.give_buffer(buf)
+        self.fs.read_finish(group)
+        return buf[lo : lo + length]
+
+    def _read_start(self, fh: int, off: int,
+                    size: int) -> bytes | tuple[memoryview, ReadGroup, int, int]:
+        """The core's part of ``read``: all of it, or all but the device reads in flight."""
         ino = self._handle(fh)[0]
         if ino in self._direct_open and fh not in self._direct:
             # This READ may fill the page cache while an O_DIRECT write is queued.  (A READ
@@ -441,6 +485,19 @@ class FuseAdapter(pyfuse3.Operations):
             # rare page-cache fill through such a handle, docs/DESIGN.md, is not counted,
             # so that mixed O_DIRECT reads and writes cost nothing extra.)
             self._read_since_inval.add(ino)
+        reads = self.fs.store.data.reads
+        if reads is not None:
+            # Alone, a read blocks: waiting on the ring costs a wake-up and a pass through
+            # trio (docs/BENCHMARKS.md).  Reads go in flight for the next CONCURRENT_SPAN
+            # reads after one found company (a request queued, or reads in flight): a
+            # blocking read among concurrent ones would stall the others' completions.
+            self._reads_seen += 1
+            if reads.in_flight or fuseloop.requests_waiting():
+                self._concurrent_until = self._reads_seen + CONCURRENT_SPAN
+            if self._reads_seen < self._concurrent_until:
+                started = self.fs.read_start(ino, off, size, reads)
+                if started is not None:
+                    return started
         return self.fs.read(ino, off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -16,6 +16,12 @@ every :data:`YIELD_EVERY`-th wait goes through trio's own ``wait_readable``; an 
 also waits in trio (after at most ``SPIN_MS`` in ``poll``), so it sleeps in ``epoll_wait``
 like any trio program.
 
+Reads in flight (nexfs/store/inflight.py): :func:`watch` adds the valve ring's eventfd to
+that poll, so a completion is dispatched at once rather than after ``SPIN_MS``;
+:func:`await_device` is how a read handler waits for its device transfer while other
+workers serve (started like :func:`serve_while`'s helpers); :func:`requests_waiting` tells a
+read whether there is anything to serve meanwhile.
+
 A handler that must wait for the kernel to do something the kernel can only finish once the
 daemon has answered other requests (dropping cached pages after an O_DIRECT write waits for
 pages locked by reads queued behind it: nexfs/fuse/invalidate.py) calls :func:`serve_while`.  The
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import select
 import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -70,22 +76,39 @@ class _LowLevel(types.ModuleType):
 
     def __init__(self) -> None:
         super().__init__("trio.lowlevel")
-        self._polls: dict[int, select.poll] = {}
+        # fd -> (the extra watch it was made with, a poller of fd and that watch's fd)
+        self._polls: dict[int, tuple[object, select.poll]] = {}
         self._budget = YIELD_EVERY
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio.lowlevel, name)
 
     async def wait_readable(self, fd: int) -> None:
+        global _fuse_poller
+        extra = _watched
         if self._budget > 0:
-            poller = self._polls.get(fd)
-            if poller is None:
-                poller = self._polls[fd] = select.poll()
+            made = self._polls.get(fd)
+            if made is None or made[0] is not extra:
+                alone = select.poll()
+                alone.register(fd, _READY)
+                _fuse_poller = alone
+                poller = select.poll()
                 poller.register(fd, _READY)
-            events = poller.poll(SPIN_MS)
-            if events and not events[0][1] & _BAD:
+                if extra is not None:
+                    poller.register(extra[0], _READY)
+                made = self._polls[fd] = (extra, poller)
+            fuse = bad = False
+            for efd, ev in made[1].poll(SPIN_MS):
+                if efd == fd:
+                    fuse, bad = True, bool(ev & _BAD)
+                elif extra is not None:
+                    extra[1]()  # reads in flight completed: wake their handlers
+            if fuse and not bad:
                 self._budget -= 1
                 return
+            # Idle, or only completions: wait in trio.  After completions a checkpoint and
+            # another poll would not do: trio may run this task again before the woken
+            # handlers, and the poll would then hold the loop for SPIN_MS, replies unsent.
         self._budget = YIELD_EVERY
         await trio.lowlevel.wait_readable(fd)
 
@@ -101,6 +124,11 @@ class _Trio(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         return getattr(trio, name)
 
+
+_watched: tuple[int, Callable[[], object]] | None = None
+"""(eventfd, dispatch) that the loop's poll watches next to /dev/fuse (:func:`watch`)."""
+_fuse_poller: select.poll | None = None
+"""A poller of /dev/fuse alone, for :func:`requests_waiting`."""
 
 _helpers: trio.Nursery | None = None
 """Where :func:`serve_while` starts its helper workers; set while :func:`serve` runs."""
@@ -146,6 +174,48 @@ async def serve() -> None:
         namespace["trio"] = real
 
 
+def watch(fd: int, dispatch: Callable[[], object] | None = None) -> None:
+    """Also watch ``fd`` (the ring's eventfd, nexfs/store/inflight.py) while polling /dev/fuse:
+    when it is readable, ``dispatch()`` completes the reads in flight and the wait goes on
+    in trio, so that their handlers reply first.  Without this a ring completion would wait for the
+    poll's timeout.  ``watch(-1)`` stops."""
+    global _watched
+    _watched = (fd, dispatch) if fd >= 0 and dispatch is not None else None
+
+
+def requests_waiting() -> bool:
+    """Whether the kernel has a request queued that no worker is reading (a zero-timeout
+    poll of /dev/fuse: about a microsecond).  False outside :func:`serve`."""
+    fuse = _fuse_poller
+    return fuse is not None and bool(fuse.poll(0))
+
+
+def _start_helper_if_needed() -> None:
+    """Every worker is inside a wait that needs others to serve: start one more."""
+    global _workers
+    if _helpers is not None and _waiting >= _workers and _workers <= MAX_HELPERS:
+        import pyfuse3
+
+        # pyfuse3's worker loop is not in its typed interface; every 3.x release has it.
+        worker = getattr(pyfuse3, "_session_loop", None)
+        if worker is not None:
+            _workers += 1
+            _helpers.start_soon(worker, _helpers, _FOREVER, 0,
+                                name=f"nexfs-helper-{_workers - 1}")
+
+
+async def await_device(wait: Callable[[], Awaitable[object]]) -> None:
+    """Await ``wait()`` (a device transfer in flight) from a request handler while other
+    workers serve the next requests (started as :func:`serve_while` starts them)."""
+    global _waiting
+    _waiting += 1
+    try:
+        _start_helper_if_needed()
+        await wait()
+    finally:
+        _waiting -= 1
+
+
 async def serve_while(fn: Callable[[], object], timeout: float) -> bool:
     """Run the blocking ``fn`` on a thread while another worker serves requests; True if
     it finished within ``timeout`` seconds (else it is left to finish on its own).
@@ -156,18 +226,10 @@ async def serve_while(fn: Callable[[], object], timeout: float) -> bool:
     never to end before the session, never to start workers itself), up to
     :data:`MAX_HELPERS`.  Outside
     :func:`serve` (unit tests) there are no helpers and only the timeout bounds the wait."""
-    global _waiting, _workers
+    global _waiting
     _waiting += 1
     try:
-        if _helpers is not None and _waiting >= _workers and _workers <= MAX_HELPERS:
-            import pyfuse3
-
-            # pyfuse3's worker loop is not in its typed interface; every 3.x release has it.
-            worker = getattr(pyfuse3, "_session_loop", None)
-            if worker is not None:
-                _workers += 1
-                _helpers.start_soon(worker, _helpers, _FOREVER, 0,
-                                    name=f"nexfs-helper-{_workers - 1}")
+        _start_helper_if_needed()
         with trio.move_on_after(timeout):
             await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
             return True

@@ -168,6 +168,16 @@ class BlockDev:
             mv = mv.cast("B")
         return mv
 
+    def takes_ring(self) -> bool:
+        """Whether :meth:`read_async` works: the view reads through a valve capability."""
+        return isinstance(self._dev, Capability)
+
+    def read_async(self, blkno: int, count: int, into: Any, ring: Any) -> int:
+        """Start reading ``count`` blocks into ``into`` on the valve ring ``ring``; returns
+        the request's tag (nexfs/store/inflight.py).  Checked now, by the valve, like a read."""
+        lba = self._lba(blkno, count)
+        return cast(Capability, self._dev).block_read(lba, count * self.spb, into, ring=ring)
+
     def write_blocks(self, blkno: int, count: int, data: Any | Sequence[Any], *,
                      durable: bool = False) -> None:
         """Write ``count`` blocks from one buffer or a list of buffers (vectored)."""

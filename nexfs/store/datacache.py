@@ -93,6 +93,33 @@ class DataCache:
             i = j
         self._evict()
 
+    def read_cached(self, blkno: int, count: int, into: memoryview) -> list[tuple[int, int]]:
+        """Copy the cached blocks among ``blkno..`` into ``into``; returns the runs
+        ``(first index, end index)`` left to read from the device.  Nothing is read here and
+        nothing is filled in (the device reads are in flight: nexfs/store/inflight.py), so
+        the blocks left are counted as ``bypassed``, like a large read's."""
+        blocks = self._blocks
+        if not blocks:
+            self.bypassed += count
+            return [(0, count)]
+        missing: list[tuple[int, int]] = []
+        i = 0
+        while i < count:
+            data = blocks.get(blkno + i)
+            if data is not None:
+                blocks.move_to_end(blkno + i)
+                into[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = data
+                self.hits += 1
+                i += 1
+                continue
+            j = i + 1
+            while j < count and blkno + j not in blocks:
+                j += 1
+            self.bypassed += j - i
+            missing.append((i, j))
+            i = j
+        return missing
+
     # -- writing -----------------------------------------------------------------------------
 
     def takes(self, count: int) -> bool:

@@ -27,9 +27,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from nexfs.ondisk.layout import Geometry
+from nexfs.ondisk.metablock import BLOCK_SIZE
 from nexfs.store.blockdev import BlockDev
 from nexfs.store.datacache import DEFAULT_BLOCKS, DataCache
 from nexfs.store.failure import FailurePolicy, boundary
+from nexfs.store.inflight import DeviceReads
 from nexfs.store.writebehind import BUFFER_BYTES, LostWriteError, WriteBehind
 from nexfs.types import BlockNo, CorruptionError, FsError
 
@@ -48,6 +50,9 @@ class DataPath:
         self._check_writable = check_writable
         self._cache = DataCache(grant, cache_blocks)
         self._wb = WriteBehind(grant)  # also the pool behind buffer()
+        # Data reads in flight on the valve's ring (nexfs/store/inflight.py); None: reads
+        # block.
+        self.reads: DeviceReads | None = None
         # Data written to the device, or handed to the cache or write-behind to write, since
         # the last barrier.
         self.unsynced = False
@@ -59,7 +64,7 @@ class DataPath:
 
     def cache_counters(self) -> dict[str, int]:
         """The data cache's part of ``nexfs stats``: blocks read from memory, from the device
-        through the cache and past it (large reads), and its size."""
+        through the cache and past it (large reads, and reads in flight), and its size."""
         c = self._cache
         return {"hits": c.hits, "misses": c.misses, "bypassed": c.bypassed, "blocks": len(c),
                 "capacity": c.capacity, "dirty": c.dirty_count}
@@ -114,6 +119,30 @@ class DataPath:
             log.error("device error reading data blocks %d+%d: %s", blkno, count, e)
             raise FsError(e.errno or errno.EIO, f"reading data block {blkno}: {e}") from e
 
+    def attach_ring(self, ring: Any) -> DeviceReads | None:
+        """Serve reads through the valve ring ``ring`` from now on (nexfs/store/inflight.py);
+        returns the reads' state, or None when the grant is not a valve capability."""
+        if not self._grant.takes_ring():
+            return None
+        self.reads = DeviceReads(self._grant, ring)
+        return self.reads
+
+    def plan_read(self, blkno: BlockNo, count: int,
+                  into: memoryview) -> list[tuple[int, int, memoryview]]:
+        """The synchronous half of a read in flight: the checks, the write-behind wait, the
+        cached blocks copied into ``into``; returns the device runs ``(blkno, count, into
+        slice)`` left to read (nexfs/store/inflight.py)."""
+        try:
+            self._check_range(blkno, count)
+            self._wb.wait_overlapping(blkno, count)
+        except CorruptionError as e:
+            self.failures.failed(e)
+            raise
+        except LostWriteError as e:
+            raise self.failures.device_error(e, f"reading data block {blkno}") from e
+        return [(blkno + i, j - i, into[i * BLOCK_SIZE : j * BLOCK_SIZE])
+                for i, j in self._cache.read_cached(blkno, count, into)]
+
     @boundary
     def write(self, blkno: BlockNo, count: int, data: Any | Sequence[Any]) -> None:
         """Write file data (one buffer or a list: vectored): small writes into the data
@@ -123,6 +152,13 @@ class DataPath:
         self._check_writable()
         self._check_range(blkno, count)
         self.unsynced = True
+        reads = self.reads
+        if reads is not None and reads.in_flight:
+            # No device write of a block under a read in flight (nexfs/store/inflight.py).
+            if not self._cache.takes(count):
+                reads.wait_overlapping(blkno, count)  # the device write below, or behind
+            elif self._cache.dirty_count + count > self._cache.dirty_limit:
+                reads.wait_all()  # the cache is about to flush: any dirty block may be read
         if self._cache.takes(count):
             # An older write of these blocks may still be in flight: let it land first, so
             # that no dirty cached block is ever overtaken (flushes need not wait).
@@ -144,12 +180,17 @@ class DataPath:
         blocks written.  The next barrier or commit block makes them durable."""
         self._wb.wait_all()
         if self._cache.dirty_count:
+            if self.reads is not None:
+                self.reads.wait_all()  # the flush writes blocks a read may be reading
             self.unsynced = True
             self._cache.flush()
 
     def wait_all(self) -> None:
-        """Wait for every queued write-behind write (before a checkpoint reuses blocks)."""
+        """Wait for every queued write-behind write and every read in flight (before a
+        checkpoint reuses blocks: nothing may land on, or be read from, a reused block)."""
         self._wb.wait_all()
+        if self.reads is not None:
+            self.reads.wait_all()
 
     def mark_synced(self) -> None:
         """A barrier made every earlier write durable."""

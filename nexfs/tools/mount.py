@@ -445,7 +445,7 @@ def open_volume(config: MountConfig, seams: Seams = NO_SEAMS) -> tuple[Any, Any,
     from nexfs.store.mmp import MmpBusy, Unprotected, open_claim
     from nexfs.tools.common import describe_os_error
     from nexfs.types import CorruptionError, FsError
-    from valve import DeviceBusyError, Rights, Valve
+    from valve import Capability, DeviceBusyError, DeviceError, Rights, Valve
 
     try:
         if seams.open_device is not None:
@@ -474,6 +474,16 @@ def open_volume(config: MountConfig, seams: Seams = NO_SEAMS) -> tuple[Any, Any,
                 with contextlib.suppress(OSError):
                     mmp.release()
             raise
+        if isinstance(valve, Valve) and isinstance(cap, Capability):
+            # Data reads in flight on a valve ring (nexfs/store/inflight.py); a device that
+            # is not the valve's (test seams, wrappers) or has no ring (an NBD export) keeps
+            # the blocking reads.
+            from nexfs.store.inflight import DEPTH
+
+            try:
+                fs.store.data.attach_ring(valve.ring(DEPTH))
+            except DeviceError as exc:
+                log.info("%s: reads block (%s)", config.image, exc.strerror)
         if mmp is not None and mmp.seq is None:
             # Lost while the journal was replayed: stop writing before anything else runs.
             fs.failures.enter("multi-mount protection: the volume was claimed by another "
@@ -516,7 +526,14 @@ async def _serve_loop(ops: Any, config: MountConfig, stop: StopRequest, mmp: Any
         else:
             nursery.start_soon(ops.commit_periodically, config.commit_interval)
         nursery.start_soon(watch_signals, config.mountpoint, stop)
-        await fuseloop.serve()
+        reads = ops.fs.store.data.reads
+        if reads is not None:
+            nursery.start_soon(reads.reaper)
+            fuseloop.watch(reads.fileno(), reads.dispatch)
+        try:
+            await fuseloop.serve()
+        finally:
+            fuseloop.watch(-1)
         nursery.cancel_scope.cancel()
 
 
