@@ -73,24 +73,12 @@ class DataCache:
                     if blkno + i in self._dirty:
                         into[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = blocks[blkno + i]
             return
-        i = 0
-        while i < count:
-            data = blocks.get(blkno + i)
-            if data is not None:
-                blocks.move_to_end(blkno + i)
-                into[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = data
-                self.hits += 1
-                i += 1
-                continue
-            j = i + 1
-            while j < count and blkno + j not in blocks:
-                j += 1
+        for i, j in self._copy_hits(blkno, count, into):
             self.misses += j - i
             part = into[i * BLOCK_SIZE : j * BLOCK_SIZE]
             self._bdev.read_blocks(blkno + i, j - i, part)
             for k in range(i, j):
                 blocks[blkno + k] = bytearray(into[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE])
-            i = j
         self._evict()
 
     def read_cached(self, blkno: int, count: int, into: memoryview) -> list[tuple[int, int]]:
@@ -102,6 +90,14 @@ class DataCache:
         if not blocks:
             self.bypassed += count
             return [(0, count)]
+        missing = self._copy_hits(blkno, count, into)
+        self.bypassed += sum(j - i for i, j in missing)
+        return missing
+
+    def _copy_hits(self, blkno: int, count: int, into: memoryview) -> list[tuple[int, int]]:
+        """Copy the cached blocks among ``blkno..`` into ``into`` (counted as hits); returns
+        the runs ``(first index, end index)`` that are not cached."""
+        blocks = self._blocks
         missing: list[tuple[int, int]] = []
         i = 0
         while i < count:
@@ -115,7 +111,6 @@ class DataCache:
             j = i + 1
             while j < count and blkno + j not in blocks:
                 j += 1
-            self.bypassed += j - i
             missing.append((i, j))
             i = j
         return missing
