@@ -408,6 +408,19 @@ static int64_t issue_flush(struct nx_nbd *n, struct op *op)
     return nbd_aio_flush(n->handle, cb, 0);
 }
 
+/* Issue a flush as op `op` of a batch.  If it cannot be issued, the op is complete with EIO
+ * and the connection is dead; returns 0 or -EIO. */
+static int issue_batch_flush(struct nx_nbd *n, struct op *op)
+{
+    op->req = -1;
+    if (issue_flush(n, op) >= 0)
+        return 0;
+    op->err = -EIO;
+    __atomic_store_n(&op->done, 1, __ATOMIC_RELEASE);
+    mark_dead(n, nbd_get_error());
+    return -EIO;
+}
+
 /* Issue ops for every request (split at max_block), plus a flush when `durable`.
  * Returns 0 or the first error; on return every issued command has completed. */
 static int run_batch(struct nx_nbd *n, struct nx_nbd_req *reqs, int nreqs, int durable)
@@ -463,16 +476,8 @@ static int run_batch(struct nx_nbd *n, struct nx_nbd_req *reqs, int nreqs, int d
             }
         }
     }
-    if (flush_beside && !issue_err) {
-        struct op *op = &ops[k++];
-        op->req = -1;
-        if (issue_flush(n, op) < 0) {
-            issue_err = -EIO;
-            op->err = -EIO;
-            __atomic_store_n(&op->done, 1, __ATOMIC_RELEASE);
-            mark_dead(n, nbd_get_error());
-        }
-    }
+    if (flush_beside && !issue_err)
+        issue_err = issue_batch_flush(n, &ops[k++]);
     kick(n);
     int timed_out = wait_ops(n, ops, k, deadline);
     if (want_flush && !flush_beside && !issue_err && !timed_out && !n->dead) {
@@ -481,13 +486,7 @@ static int run_batch(struct nx_nbd *n, struct nx_nbd_req *reqs, int nreqs, int d
             writes_ok &= ops[j].err == 0;
         if (writes_ok) {
             struct op *op = &ops[k++];
-            op->req = -1;
-            if (issue_flush(n, op) < 0) {
-                issue_err = -EIO;
-                op->err = -EIO;
-                __atomic_store_n(&op->done, 1, __ATOMIC_RELEASE);
-                mark_dead(n, nbd_get_error());
-            }
+            issue_err = issue_batch_flush(n, op);
             kick(n);
             wait_ops(n, op, 1, now_ms() + n->timeout_ms);
         }
