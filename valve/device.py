@@ -175,6 +175,21 @@ class Device:
             and int(ffi.cast("uintptr_t", ptr)) & self._mask == 0
         )
 
+    def _read_target(self, into: Buffer, nbytes: int) -> tuple[memoryview, Any]:
+        """A caller's buffer to read ``nbytes`` into, checked (writable, large enough):
+        its byte view and its C pointer (the synchronous read and a ring submit alike)."""
+        view = memoryview(into)
+        if view.readonly:
+            raise TypeError("into= must be a writable buffer")
+        if view.nbytes < nbytes:
+            raise RangeError(
+                f"into= holds {view.nbytes} bytes, the read needs {nbytes}", self.path
+            )
+        target = ffi.from_buffer(view, require_writable=True)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        return view, target
+
     # -- transfers; each returns the number of bounce copies it made -----------------
 
     def read(self, lba: int, count: int, into: Buffer | None) -> tuple[memoryview, int]:
@@ -190,16 +205,7 @@ class Device:
             self._check(self._c_read(self._h, lba, target, nbytes), "read", lba, count)
             view = memoryview(into)
             return (view if len(into) == nbytes else view[:nbytes]), 0
-        view = memoryview(into)
-        if view.readonly:
-            raise TypeError("into= must be a writable buffer")
-        if view.nbytes < nbytes:
-            raise RangeError(
-                f"into= holds {view.nbytes} bytes, the read needs {nbytes}", self.path
-            )
-        target = ffi.from_buffer(view, require_writable=True)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
+        view, target = self._read_target(into, nbytes)
         if self._direct(into, target, nbytes):
             self._check(self._c_read(self._h, lba, target, nbytes), "read", lba, count)
             return view[:nbytes], 0
@@ -309,16 +315,7 @@ class Device:
                 view = memoryview(data)
                 view = view if len(data) == nbytes else view[:nbytes]
                 return iov, 1, Pending(False, lba, count, nbytes, (data, target), view), 0
-            view = memoryview(data)  # type: ignore[arg-type]
-            if view.readonly:
-                raise TypeError("into= must be a writable buffer")
-            if view.nbytes < nbytes:
-                raise RangeError(
-                    f"into= holds {view.nbytes} bytes, the read needs {nbytes}", self.path
-                )
-            target = ffi.from_buffer(view, require_writable=True)
-            if view.format != "B" or view.ndim != 1:
-                view = view.cast("B")
+            view, target = self._read_target(data, nbytes)  # type: ignore[arg-type]
             if self._direct(data, target, nbytes):
                 iov[0].iov_base, iov[0].iov_len = target, nbytes
                 keep: tuple[object, ...] = (data, target)
