@@ -54,18 +54,14 @@ def _fill(path: Path, nbytes: int) -> None:
         os.fsync(f.fileno())
 
 
-async def _until(deadline: float, step: Callable[[], Awaitable[int]]) -> int:
-    done = 0
-    while time.perf_counter() < deadline:
-        done += await step()
-    return done
-
-
 def _blocks(cap: Capability) -> int:
     return cap.block_info().total_sectors * cap.block_info().sector_size // BLOCK
 
 
-async def run_blocking(cap: Capability, ring: Ring | None, jobs: int, secs: float) -> float:
+async def _jobs(cap: Capability, jobs: int, secs: float,
+                read: Callable[[int, int, AlignedBuffer], Awaitable[None]]) -> float:
+    """Reads per second of ``jobs`` trio tasks, each doing ``read(lba, count, buf)`` of a
+    random block in a loop for ``secs``."""
     spb = BLOCK // cap.block_info().sector_size
     nblocks = _blocks(cap)
     count = 0
@@ -76,37 +72,29 @@ async def run_blocking(cap: Capability, ring: Ring | None, jobs: int, secs: floa
         rnd = random.Random()
         deadline = time.perf_counter() + secs
         while time.perf_counter() < deadline:
-            cap.block_read(rnd.randrange(nblocks) * spb, spb, buf)
+            await read(rnd.randrange(nblocks) * spb, spb, buf)
             count += 1
-            await trio.lowlevel.checkpoint()
 
     t0 = time.perf_counter()
     async with trio.open_nursery() as n:
         for _ in range(jobs):
             n.start_soon(one)
     return count / (time.perf_counter() - t0)
+
+
+async def run_blocking(cap: Capability, ring: Ring | None, jobs: int, secs: float) -> float:
+    async def read(lba: int, count: int, buf: AlignedBuffer) -> None:
+        cap.block_read(lba, count, buf)
+        await trio.lowlevel.checkpoint()
+
+    return await _jobs(cap, jobs, secs, read)
 
 
 async def run_to_thread(cap: Capability, ring: Ring | None, jobs: int, secs: float) -> float:
-    spb = BLOCK // cap.block_info().sector_size
-    nblocks = _blocks(cap)
-    count = 0
+    async def read(lba: int, count: int, buf: AlignedBuffer) -> None:
+        await trio.to_thread.run_sync(cap.block_read, lba, count, buf)
 
-    async def one() -> None:
-        nonlocal count
-        buf = cap.alloc_buffer(BLOCK)
-        rnd = random.Random()
-        deadline = time.perf_counter() + secs
-        while time.perf_counter() < deadline:
-            lba = rnd.randrange(nblocks) * spb
-            await trio.to_thread.run_sync(cap.block_read, lba, spb, buf)
-            count += 1
-
-    t0 = time.perf_counter()
-    async with trio.open_nursery() as n:
-        for _ in range(jobs):
-            n.start_soon(one)
-    return count / (time.perf_counter() - t0)
+    return await _jobs(cap, jobs, secs, read)
 
 
 async def run_ring(cap: Capability, ring: Ring | None, jobs: int, secs: float) -> float:
