@@ -12,12 +12,18 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from valve_fixtures import MiB, fd_flags, image_fixture, loop_device, pattern
+from valve_fixtures import (
+    MiB,
+    core_device_fixture,
+    fd_flags,
+    image_fixture,
+    loop_device,
+    pattern,
+)
 
 from native import ffi, lib
 
@@ -27,14 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 img = image_fixture("core.img", 4 * MiB)
 
 
-@pytest.fixture
-def dev(img: Path) -> Iterator[Any]:
-    d = ffi.new("struct nx_dev *")
-    assert lib.nx_open(os.fsencode(img), 0, d) == 0
-    try:
-        yield d
-    finally:
-        lib.nx_close(d)
+dev = core_device_fixture()
 
 
 def aligned(d: Any, nbytes: int) -> Any:

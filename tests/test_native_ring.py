@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from valve_fixtures import MiB, image_fixture, pattern
+from valve_fixtures import MiB, core_device_fixture, image_fixture, pattern
 
 from native import ffi, lib
 
@@ -23,14 +23,7 @@ img = image_fixture("ring-core.img", 4 * MiB)
 MODES = {"io_uring": lib.NX_RING_URING, "pool": lib.NX_RING_POOL}
 
 
-@pytest.fixture
-def dev(img: Path) -> Iterator[Any]:
-    d = ffi.new("struct nx_dev *")
-    assert lib.nx_open(os.fsencode(img), 0, d) == 0
-    try:
-        yield d
-    finally:
-        lib.nx_close(d)
+dev = core_device_fixture()
 
 
 @pytest.fixture(params=sorted(MODES))

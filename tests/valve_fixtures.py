@@ -36,6 +36,23 @@ def image_fixture(name: str, nbytes: int) -> Any:
     return img
 
 
+def core_device_fixture() -> Any:
+    """A fixture ``dev``: the test's ``img`` opened by the C core (``nx_open``, read-write),
+    closed after it."""
+    from native import ffi, lib
+
+    @pytest.fixture
+    def dev(img: Path) -> Iterator[Any]:
+        d = ffi.new("struct nx_dev *")
+        assert lib.nx_open(os.fsencode(img), 0, d) == 0
+        try:
+            yield d
+        finally:
+            lib.nx_close(d)
+
+    return dev
+
+
 def valve_fixture() -> Any:
     """A fixture ``valve``: the Block Valve opened on the test's ``img``, closed after it."""
     from valve import Valve
