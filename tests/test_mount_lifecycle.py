@@ -249,9 +249,17 @@ def test_mount_t_fuse_nexfs(mounter: Mounter, fuse_helper: Path, tmp_path: Path)
             fusermount_u(mnt, lazy=True)
     code, output = fsck(image)
     assert code == 0, output
-    # The same through an fstab line (mount --fstab reads another file than /etc/fstab).
+    # The same through an fstab line.
+    mount_by_fstab(str(image), mnt, tmp_path)
+    assert volume_is_clean(image)
+
+
+def mount_by_fstab(source: str, mnt: Path, tmp_path: Path) -> None:
+    """Mount ``source`` on ``mnt`` through an fstab line with ``_netdev`` (``mount --fstab``
+    reads another file than /etc/fstab), find the file ``via-mount-t`` an earlier ``mount -t``
+    left, unmount and wait for the daemon to exit."""
     fstab = tmp_path / "fstab"
-    fstab.write_text(f"{image} {mnt} fuse.nexfs noauto,nofail,_netdev,noatime 0 0\n")
+    fstab.write_text(f"{source} {mnt} fuse.nexfs noauto,nofail,_netdev,noatime 0 0\n")
     result = subprocess.run(["mount", "--fstab", str(fstab), str(mnt)], capture_output=True,
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
@@ -263,7 +271,6 @@ def test_mount_t_fuse_nexfs(mounter: Mounter, fuse_helper: Path, tmp_path: Path)
     finally:
         if mounted_fs(mnt) is not None:
             fusermount_u(mnt, lazy=True)
-    assert volume_is_clean(image)
 
 
 def test_recovers_after_crash(mounter: Mounter) -> None:

@@ -45,7 +45,12 @@ from mountutil import (  # noqa: F401  (fixtures)
 )
 from nbdserver import NbdKit, PauseControl
 from test_mount_faults import EARLY, SEED, run_writer, write_durable
-from test_mount_lifecycle import daemon_pid, fuse_helper, wait_gone  # noqa: F401  (fixture)
+from test_mount_lifecycle import (  # noqa: F401  (fixture)
+    daemon_pid,
+    fuse_helper,
+    mount_by_fstab,
+    wait_gone,
+)
 
 pytestmark = pytest.mark.mount
 
@@ -172,19 +177,7 @@ def test_mount_t_and_fstab_with_netdev(mounter: Mounter, fuse_helper: Path,  # n
         finally:
             if mounted_fs(mnt) is not None:
                 subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
-        fstab = tmp_path / "fstab"
-        fstab.write_text(f"{srv.uri} {mnt} fuse.nexfs noauto,nofail,_netdev,noatime 0 0\n")
-        result = subprocess.run(["mount", "--fstab", str(fstab), str(mnt)],
-                                capture_output=True, text=True, timeout=60, check=False)
-        assert result.returncode == 0, result.stderr
-        try:
-            assert (mnt / "via-mount-t").read_text() == "ok"
-            pid = daemon_pid(mnt)
-            assert subprocess.run(["umount", str(mnt)], check=False).returncode == 0
-            wait_gone(pid)
-        finally:
-            if mounted_fs(mnt) is not None:
-                subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+        mount_by_fstab(srv.uri, mnt, tmp_path)
         assert_clean(srv.uri)
 
 
