@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
@@ -38,20 +37,12 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from valve_bench import make_image  # bench/, this script's directory
+
 from valve import AlignedBuffer, Capability, Rights, Ring, Valve
 
 MiB = 1024 * 1024
 BLOCK = 4096
-
-
-def _fill(path: Path, nbytes: int) -> None:
-    # Random data, written: a hole or an unwritten extent reads without touching the disk.
-    chunk = os.urandom(MiB)
-    with open(path, "wb") as f:
-        for _ in range(nbytes // MiB):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _blocks(cap: Capability) -> int:
@@ -145,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_us: dict[str, list[float]] = {}
     try:
         img = tmp / "ring.img"
-        _fill(img, size)
+        make_image(img, size)
         with Valve.open(img, read_only=True) as v:
             cap = v.grant(Rights.READ)
             rings = {
