@@ -520,6 +520,14 @@ static int run_batch(struct nx_nbd *n, struct nx_nbd_req *reqs, int nreqs, int d
     return rc;
 }
 
+static uint64_t iov_total_len(const struct iovec *iov, int iovcnt)
+{
+    uint64_t total = 0;
+    for (int i = 0; i < iovcnt; i++)
+        total += iov[i].iov_len;
+    return total;
+}
+
 static int dead_rc(struct nx_nbd *n)
 {
     if (n->handle == NULL)
@@ -549,32 +557,24 @@ int nx_nbd_submit(struct nx_nbd *n, struct nx_nbd_req *reqs, int nreqs, int dura
     return rc;
 }
 
-/* A vectored transfer: one request per segment, at consecutive offsets, counted as one
- * transfer (as one preadv/pwritev is for a file). */
-static int vectored(struct nx_nbd *n, uint64_t lba, struct iovec *iov, int iovcnt, int write,
+/* The body of a vectored transfer, for a caller that holds the export (enter): one
+ * request per segment, at consecutive offsets, all in flight together.  Not counted. */
+static int move_iov(struct nx_nbd *n, uint64_t lba, struct iovec *iov, int iovcnt, int write,
                     int durable)
 {
     if (iovcnt <= 0)
         return -EINVAL;
-    int rc = enter(n);
+    int rc = dead_rc(n);
     if (rc < 0)
         return rc;
-    rc = dead_rc(n);
-    if (rc < 0) {
-        leave(n);
-        return rc;
-    }
     uint64_t sector = n->dev.sector_size;
     struct nx_nbd_req stack_reqs[NX_NBD_STACK_OPS];
     struct nx_nbd_req *reqs = iovcnt <= NX_NBD_STACK_OPS
                                   ? stack_reqs
                                   : calloc((size_t)iovcnt, sizeof(*reqs));
-    if (reqs == NULL) {
-        leave(n);
+    if (reqs == NULL)
         return -ENOMEM;
-    }
     uint64_t at = lba;
-    uint64_t sectors = 0;
     for (int i = 0; i < iovcnt; i++) {
         reqs[i] = (struct nx_nbd_req){.lba = at, .buf = iov[i].iov_base,
                                       .len = iov[i].iov_len, .write = write, .err = 0};
@@ -583,18 +583,51 @@ static int vectored(struct nx_nbd *n, uint64_t lba, struct iovec *iov, int iovcn
             break;
         }
         at += iov[i].iov_len / sector;
-        sectors += iov[i].iov_len / sector;
     }
     if (rc == 0)
         rc = run_batch(n, reqs, iovcnt, durable);
+    if (reqs != stack_reqs)
+        free(reqs);
+    return rc;
+}
+
+/* A vectored transfer, counted as one transfer (as one preadv/pwritev is for a file). */
+static int vectored(struct nx_nbd *n, uint64_t lba, struct iovec *iov, int iovcnt, int write,
+                    int durable)
+{
+    if (iovcnt <= 0)
+        return -EINVAL;
+    int rc = enter(n);
+    if (rc < 0)
+        return rc;
+    uint64_t sectors = iov_total_len(iov, iovcnt) / n->dev.sector_size;
+    rc = move_iov(n, lba, iov, iovcnt, write, durable);
     if (rc == 0) {
         count(write ? &n->dev.writes : &n->dev.reads, 1);
         count(write ? &n->dev.sectors_written : &n->dev.sectors_read, sectors);
     }
-    if (reqs != stack_reqs)
-        free(reqs);
     leave(n);
     return rc;
+}
+
+/* The ring's transfer hook (nx_ring_open_xfer): a pool worker moves one request with the
+ * blocking vectored transfer, so each worker keeps one request's commands on the wire and
+ * inherits its deadline (a timeout or a dead connection fails it with EIO, and returns
+ * only once libnbd has let go of the buffers).  The ring holds the export (enter at submit,
+ * leave at completion) and counts the transfer; the batch counts the barrier. */
+static int ring_xfer(void *ctx, uint64_t lba, struct iovec *iov, int iovcnt, int write,
+                     int durable)
+{
+    return move_iov(ctx, lba, iov, iovcnt, write, durable);
+}
+
+int nx_nbd_ring_open(struct nx_nbd *n, unsigned depth, unsigned threads,
+                     struct nx_ring **out)
+{
+    *out = NULL;
+    if (n->handle == NULL || __atomic_load_n(&n->dev.closing, __ATOMIC_SEQ_CST))
+        return -EBADF;
+    return nx_ring_open_xfer(&n->dev, depth, threads, ring_xfer, n, out);
 }
 
 int nx_nbd_readv(struct nx_nbd *n, uint64_t lba, struct iovec *iov, int iovcnt)

@@ -82,6 +82,15 @@ int nx_nbd_writev(struct nx_nbd *n, uint64_t lba, struct iovec *iov, int iovcnt,
 /* Durability barrier: NBD_CMD_FLUSH. */
 int nx_nbd_sync(struct nx_nbd *n);
 
+/* A ring (nexfs_core.h, nx_ring_*) over the export: the pool engine, whose `threads`
+ * workers each move one request with the vectored transfer above, so up to `threads`
+ * requests are on the wire at once, each with its deadline.  The same contract as a
+ * file's ring: checked at submit, completions on the eventfd, nx_ring_close before
+ * nx_nbd_close; a timeout or a dead connection completes every request in flight (and
+ * every queued one) with -EIO.  -EBADF once the export is closed or closing. */
+int nx_nbd_ring_open(struct nx_nbd *n, unsigned depth, unsigned threads,
+                     struct nx_ring **out);
+
 /* cdef-end */
 
 #endif /* NEXFS_NBD_BACKEND_H */

@@ -88,7 +88,8 @@ int nx_sync(struct nx_dev *dev);
  * them out.  Two engines behind one interface: io_uring (the kernel runs the O_DIRECT
  * transfer and posts the completion; no thread hop) and, where io_uring is unavailable
  * (kernel.io_uring_disabled, seccomp), a small pool of C threads doing preadv/pwritev
- * and signalling the eventfd.
+ * and signalling the eventfd.  An NBD export's ring is that pool with the export's
+ * transfer in place of preadv/pwritev (nx_nbd_ring_open, nbd_backend.h).
  *
  * Rules: one thread submits and reaps (the ring has no lock on that side); the iovec
  * array is copied at submit, the memory it points to must stay valid until the request
@@ -134,5 +135,21 @@ int nx_ring_reap(struct nx_ring *ring, struct nx_completion *out, int max, int w
 void nx_ring_close(struct nx_ring *ring);
 
 /* cdef-end */
+
+/* ---- For the valve's other backends (C only: not part of the cffi ABI) ----
+ *
+ * A ring of the pool engine whose workers move each request with `xfer` instead of
+ * preadv/pwritev on dev->fd (which may be -1): the NBD backend's ring (nbd_backend.h,
+ * nx_nbd_ring_open).  Everything else is the pool's: the checks at submit (on `dev`'s
+ * geometry; no descriptor needed), the enter/leave handshake with the backend's close,
+ * the counters (reads, writes, sectors), the eventfd, the close.  `xfer` moves the whole
+ * of iov[0..iovcnt) at sector `lba` or fails (-errno), blocks until the transfer has
+ * finished with the memory (a late completion must never land in a reaped buffer), makes a
+ * durable write durable, counts that barrier itself, and may be called by several workers
+ * at once. */
+typedef int (*nx_ring_xfer)(void *ctx, uint64_t lba, struct iovec *iov, int iovcnt,
+                            int write, int durable);
+int nx_ring_open_xfer(struct nx_dev *dev, unsigned depth, unsigned threads, nx_ring_xfer xfer,
+                      void *ctx, struct nx_ring **out);
 
 #endif /* NEXFS_CORE_H */

@@ -1,0 +1,220 @@
+"""Rings over an NBD export (``Valve.ring`` on ``nbd+unix://`` / ``nbd://``), against nbdkit.
+
+The export's ring is the C pool whose workers move each request with the NBD backend's
+vectored transfer (native/nbd_backend.c, ``nx_nbd_ring_open``).  What must hold is the
+file ring's contract (tests/test_valve_ring.py), and these tests run its checks and its
+model explorer over an export:
+
+* checked at submit, refusals start nothing; data round trips with every buffer kind;
+  memory stays alive until reaped; a trio task waits on the eventfd;
+* the explorer keeps many requests in flight against a model (more seeds with NEXFS_LONG);
+* the requests really are on the wire together (a server taking 0.25 s per request);
+* a stalled server (nbdkit ``pause``) completes every request in flight, and every queued
+  one, with EIO within the timeout, and the ring and the valve close; a killed server
+  completes them with EIO at once; ``Valve.close`` waits for what is in flight.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import test_valve_ring as file_ring
+from nbdserver import NbdKit, PauseControl
+from valve_fixtures import MiB, make_image, pattern
+
+from valve import Capability, CapabilityError, DeviceError, Rights, Ring, Valve
+
+RW = Rights.READ | Rights.WRITE
+EXPLORER_SEEDS = 60 if os.environ.get("NEXFS_LONG") else 6
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NbdKit]:
+    """One memory export for the module's contract tests (each test writes its own data)."""
+    with NbdKit(tmp_path_factory.mktemp("ringnbd"), "memory", ["8M"]) as srv:
+        yield srv
+
+
+@pytest.fixture
+def valve(export: NbdKit) -> Iterator[Valve]:
+    with Valve.open(export.uri) as v:
+        cap = v.grant(RW)
+        cap.block_write(0, 4096, bytes(4096 * 512))  # the tests expect zeros where unwritten
+        yield v
+
+
+@pytest.fixture(params=["any", "pool"])
+def ring(request: pytest.FixtureRequest, valve: Valve) -> Ring:
+    r = valve.ring(16, engine=request.param, threads=3)
+    assert r.engine == "pool"
+    return r
+
+
+@pytest.fixture
+def cap(valve: Valve) -> Capability:
+    return valve.grant(RW)
+
+
+@pytest.mark.parametrize("engine", ["any", "pool"])
+def test_round_trip_every_buffer_kind(export: NbdKit, engine: str) -> None:
+    # The file ring's test counts from zero: a valve of its own.
+    with Valve.open(export.uri) as v:
+        file_ring.test_round_trip_every_buffer_kind(v.grant(RW), v.ring(16, engine=engine), v)
+
+
+def test_checked_at_submit_and_refusal_starts_nothing(tmp_path: Path, export: NbdKit) -> None:
+    with Valve.open(export.uri) as v:
+        file_ring.test_checked_at_submit_and_refusal_starts_nothing(
+            v.grant(RW), v.ring(16), v, tmp_path)
+
+
+def test_full_ring_refuses_before_starting(export: NbdKit) -> None:
+    with Valve.open(export.uri) as v:
+        file_ring.test_full_ring_refuses_before_starting(v.grant(RW), v)
+
+
+def test_revoked_after_submit_and_memory_alive_until_reaped(cap: Capability, ring: Ring) -> None:
+    file_ring.test_revoked_after_submit_completes(cap, ring)
+    file_ring.test_memory_stays_alive_until_reaped(cap, ring)
+
+
+def test_trio_waits_on_the_eventfd(cap: Capability, ring: Ring) -> None:
+    file_ring.test_trio_waits_on_the_eventfd(cap, ring)
+
+
+def test_io_uring_is_refused_for_an_export(valve: Valve) -> None:
+    """io_uring moves bytes on a descriptor; an export has none.  Said, not half-done."""
+    with pytest.raises(DeviceError) as err:
+        valve.ring(4, engine="io_uring")
+    assert err.value.errno == errno.EOPNOTSUPP and "io_uring" in str(err.value)
+    assert valve.ring(4, engine="any").engine == "pool"
+
+
+@pytest.mark.parametrize("seed", range(EXPLORER_SEEDS))
+def test_explorer_many_in_flight_against_a_model(seed: int, valve: Valve) -> None:
+    file_ring.explore(valve, seed, ("any", "pool")[seed % 2])
+
+
+def test_requests_are_on_the_wire_together(tmp_path: Path) -> None:
+    """Eight reads and eight durable writes on a ring of 8 workers, with the server taking
+    0.25 s per request: together about 0.25 s each batch, one after another 2 s."""
+    with NbdKit(tmp_path, "memory", ["8M", "delay-write=250ms", "delay-read=250ms"],
+                ["delay"]) as srv, Valve.open(srv.uri) as v:
+        cap = v.grant(RW)
+        ring = v.ring(16, threads=8)
+        t0 = time.monotonic()
+        tags = {cap.block_write(i * 8, 8, pattern(i, 4096), ring=ring, durable=True): i
+                for i in range(8)}
+        done = ring.reap(wait=8)
+        writes = time.monotonic() - t0
+        assert sorted(tags[c.tag] for c in done if c.error is None) == list(range(8))
+        t0 = time.monotonic()
+        tags = {cap.block_read(i * 8, 8, ring=ring): i for i in range(8)}
+        done = ring.reap(wait=8)
+        reads = time.monotonic() - t0
+        assert {tags[c.tag]: bytes(c.data or b"") for c in done} == {
+            i: pattern(i, 4096) for i in range(8)}
+        s = v.stats
+        assert (s.reads, s.writes, s.sectors_read, s.sectors_written) == (8, 8, 64, 64)
+        assert s.barriers >= 1
+    assert writes < 1.2, f"8 durable writes on the ring took {writes:.2f} s"
+    assert reads < 1.2, f"8 reads on the ring took {reads:.2f} s"
+
+
+def test_a_stalled_server_fails_every_request_with_eio_within_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """Requests on the wire and requests queued behind the workers: all complete with EIO
+    about one timeout after the stall (never a hang), the ring and the valve close, and no
+    late reply lands in a buffer (libnbd let go of them before the completions)."""
+    backing = make_image(tmp_path / "stall.img", 8 * MiB)
+    control = PauseControl(tmp_path / "pause.sock")
+    with NbdKit(tmp_path, "file", [str(backing), f"pause-control={control.sock}"],
+                ["pause"]) as srv:
+        v = Valve.open(srv.uri, nbd_timeout=1)
+        try:
+            cap = v.grant(RW)
+            cap.block_write(0, 8, pattern(1, 4096), durable=True)
+            ring = v.ring(16, threads=4)
+            control.pause()
+            t0 = time.monotonic()
+            for i in range(12):  # 4 on the wire, 8 queued behind them
+                if i % 3 == 0:
+                    cap.block_write(64 + i * 8, 8, pattern(i, 4096), ring=ring)
+                else:
+                    cap.block_read(i * 8, 8, cap.alloc_buffer(4096), ring=ring)
+            done = ring.reap(wait=12)
+            took = time.monotonic() - t0
+            assert len(done) == 12 and ring.in_flight == 0
+            for c in done:
+                assert isinstance(c.error, DeviceError) and c.error.errno == errno.EIO, c
+                assert c.data is None
+            assert any("no answer within 1000 ms" in str(c.error) for c in done)
+            assert 0.9 < took < 5, f"took {took:.2f} s"
+            # Later requests fail at once: the connection is gone (no reconnection).
+            t0 = time.monotonic()
+            cap.block_read(0, 8, ring=ring)
+            (late,) = ring.reap(wait=1)
+            assert isinstance(late.error, DeviceError) and late.error.errno == errno.EIO
+            assert time.monotonic() - t0 < 0.5
+            control.resume()
+        finally:
+            t0 = time.monotonic()
+            v.close()
+            assert time.monotonic() - t0 < 5
+    assert backing.read_bytes()[:4096] == pattern(1, 4096)
+
+
+def test_a_killed_server_fails_the_ring_at_once(tmp_path: Path) -> None:
+    backing = make_image(tmp_path / "killed.img", 8 * MiB)
+    srv = NbdKit(tmp_path, "file", [str(backing)], tcp=True).start()
+    try:
+        with Valve.open(srv.uri, nbd_timeout=20) as v:
+            cap = v.grant(RW)
+            ring = v.ring(32, threads=4)
+            outcomes: list[int] = []
+            killed_at = 0.0
+            i = 0
+            while killed_at == 0.0 or ring.in_flight:
+                if killed_at == 0.0 and i == 64:
+                    srv.kill()
+                    killed_at = time.monotonic()
+                if killed_at == 0.0 and ring.in_flight < ring.depth:
+                    cap.block_write((i % 256) * 8, 8, pattern(i, 4096), ring=ring,
+                                    durable=i % 8 == 0)
+                    i += 1
+                    continue
+                for c in ring.reap(wait=1):
+                    outcomes.append(0 if c.error is None else c.error.errno or -1)
+            took = time.monotonic() - killed_at
+            assert took < 10, f"the ring took {took:.1f} s to fail after the kill"
+            assert set(outcomes) <= {0, errno.EIO}
+            cap.block_read(0, 8, ring=ring)
+            (late,) = ring.reap(wait=1)
+            assert isinstance(late.error, DeviceError) and late.error.errno == errno.EIO
+    finally:
+        srv.stop()
+
+
+def test_close_waits_for_requests_in_flight(tmp_path: Path) -> None:
+    """Valve.close with durable writes on the ring of a slow server: it waits for them (the
+    export then holds every one), and the ring is closed with the valve."""
+    backing = make_image(tmp_path / "close.img", 8 * MiB)
+    with NbdKit(tmp_path, "file", [str(backing), "delay-write=50ms"], ["delay"]) as srv:
+        v = Valve.open(srv.uri)
+        cap = v.grant(RW)
+        ring = v.ring(32, threads=4)
+        for i in range(32):
+            cap.block_write(i * 8, 8, pattern(i, 4096), ring=ring, durable=i % 8 == 7)
+        v.close()
+        assert ring.closed
+        with pytest.raises(CapabilityError):
+            ring.reap()
+    raw = backing.read_bytes()
+    assert [raw[i * 4096:(i + 1) * 4096] for i in range(32)] == [
+        pattern(i, 4096) for i in range(32)]
