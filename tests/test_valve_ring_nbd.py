@@ -170,6 +170,27 @@ def test_a_stalled_server_fails_every_request_with_eio_within_the_timeout(
     assert backing.read_bytes()[:4096] == pattern(1, 4096)
 
 
+def test_close_during_a_stall_returns_within_the_timeout(tmp_path: Path) -> None:
+    """Valve.close while the ring's requests hang on a stalled server: the close waits for
+    them, and they end at the deadline, so the close returns about one timeout later."""
+    backing = make_image(tmp_path / "stall.img", 8 * MiB)
+    control = PauseControl(tmp_path / "pause.sock")
+    with NbdKit(tmp_path, "file", [str(backing), f"pause-control={control.sock}"],
+                ["pause"]) as srv:
+        v = Valve.open(srv.uri, nbd_timeout=1)
+        cap = v.grant(RW)
+        ring = v.ring(8, threads=2)
+        control.pause()
+        for i in range(6):
+            cap.block_read(i * 8, 8, ring=ring)
+        t0 = time.monotonic()
+        v.close()
+        took = time.monotonic() - t0
+        assert ring.closed and v.closed
+        assert took < 5, f"close took {took:.2f} s"
+        control.resume()
+
+
 def test_a_killed_server_fails_the_ring_at_once(tmp_path: Path) -> None:
     backing = make_image(tmp_path / "killed.img", 8 * MiB)
     srv = NbdKit(tmp_path, "file", [str(backing)], tcp=True).start()

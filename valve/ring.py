@@ -14,7 +14,9 @@ Engines (``Ring.engine``): ``"io_uring"`` (the kernel runs the O_DIRECT transfer
 posts the completion; the submitting thread never blocks and nothing hops threads) and
 ``"pool"`` (a few C threads blocking in ``preadv``/``pwritev``, signalling the eventfd),
 used where io_uring is unavailable.  docs/VALVE.md has the measurements behind the
-default.
+default.  On an NBD export the ring is always the pool, its workers moving each request
+with the export's vectored transfer (each with the export's deadline; a timeout or a lost
+connection completes every request with EIO): ``"any"`` picks it, ``"io_uring"`` is refused.
 
 Contract:
 
