@@ -17,8 +17,9 @@ the ring).  Prints IOPS per method; ``--json`` writes every sample.  A benchmark
 test: it exits 0 whatever the figures.
 
 With ``--nbd`` the image is served by nbdkit's file plugin on a Unix socket (``cache=none``)
-and the valve opens its URI: no io_uring there; ``ring-pool`` is the export's ring (its
-workers each keep one request on the wire), with 4 and with 8 workers.
+and the valve opens its URI: no io_uring there; ``ring-callbacks`` is the export's ring
+driven by libnbd's completion callbacks, ``ring-pool`` the pool whose workers each keep one
+request on the wire, with 4 and with 8 workers.
 
     python bench/ring_bench.py              # 5 runs x 2 s, 256 MiB image in /var/tmp
     python bench/ring_bench.py --quick      # 2 runs x 0.3 s, 32 MiB image
@@ -125,9 +126,10 @@ METHODS: dict[str, Callable[[Capability, Ring | None, int, float], Awaitable[flo
     "ring-io_uring": run_ring,
     "ring-pool": run_ring,
 }
-#: Over an NBD export: no io_uring; the pool with 4 (the default) and 8 workers.
-NBD_METHODS = {"blocking": run_blocking, "to_thread": run_to_thread, "ring-pool": run_ring,
-               "ring-pool-8": run_ring}
+#: Over an NBD export: no io_uring; libnbd's completion callbacks, and the pool with 4 and 8
+#: workers.
+NBD_METHODS = {"blocking": run_blocking, "to_thread": run_to_thread,
+               "ring-callbacks": run_ring, "ring-pool": run_ring, "ring-pool-8": run_ring}
 
 
 @contextlib.contextmanager
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             rings = {"ring-pool": v.ring(8, engine="pool", threads=4)}
             if args.nbd:
                 rings["ring-pool-8"] = v.ring(8, engine="pool", threads=8)
+                rings["ring-callbacks"] = v.ring(8, engine="callbacks")
             else:
                 rings["ring-io_uring"] = v.ring(8, engine="io_uring")
             order = list(methods)

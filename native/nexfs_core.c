@@ -363,6 +363,8 @@ struct nx_ring {
     int mode;
     nx_ring_xfer xfer;      /* pool only: moves a request instead of preadv/pwritev on dev->fd */
     void *xfer_ctx;
+    const struct nx_ring_hooks *hooks;  /* NX_RING_CALLBACKS: the backend's engine */
+    void *hooks_ctx;
     int efd;
     unsigned depth;
     unsigned inflight;      /* submitted, not reaped: touched only by the submitting thread */
@@ -580,6 +582,12 @@ static void ring_free(struct nx_ring *ring)
         pthread_cond_destroy(&ring->cv);
         pthread_mutex_destroy(&ring->mu);
     }
+    if (ring->mode == NX_RING_CALLBACKS) {
+        if (ring->hooks_ctx != NULL)
+            ring->hooks->stop(ring->hooks_ctx);
+        pthread_cond_destroy(&ring->cv);
+        pthread_mutex_destroy(&ring->mu);
+    }
     if (ring->slots) {
         for (unsigned i = 0; i < ring->depth; i++)
             free(ring->slots[i].iov);
@@ -666,6 +674,49 @@ int nx_ring_open_xfer(struct nx_dev *dev, unsigned depth, unsigned threads, nx_r
     return ring_open(dev, NX_RING_POOL, depth, threads, xfer, ctx, out);
 }
 
+int nx_ring_open_async(struct nx_dev *dev, unsigned depth, const struct nx_ring_hooks *hooks,
+                       void *ctx, struct nx_ring **out)
+{
+    *out = NULL;
+    if (depth == 0 || depth > NX_RING_MAX_DEPTH)
+        return -EINVAL;
+    struct nx_ring *ring = calloc(1, sizeof(*ring));
+    if (ring == NULL)
+        return -ENOMEM;
+    ring->dev = dev;
+    ring->depth = depth;
+    ring->mode = NX_RING_CALLBACKS;
+    pthread_mutex_init(&ring->mu, NULL);
+    pthread_cond_init(&ring->cv, NULL);
+    ring->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    ring->slots = calloc(depth, sizeof(*ring->slots));
+    if (ring->efd < 0 || ring->slots == NULL) {
+        int err = ring->efd < 0 ? errno : ENOMEM;
+        ring_free(ring);  /* hooks_ctx still NULL: ctx stays the caller's */
+        return -err;
+    }
+    for (unsigned i = depth; i-- > 0;) {
+        ring->slots[i].next = ring->free;
+        ring->free = &ring->slots[i];
+    }
+    ring->hooks = hooks;
+    ring->hooks_ctx = ctx;
+    *out = ring;
+    return 0;
+}
+
+void nx_ring_done(struct nx_ring *ring, void *token, int result)
+{
+    struct nx_req *req = token;
+    req->result = result;
+    finish(ring, req);
+    pthread_mutex_lock(&ring->mu);
+    push(&ring->done, &ring->done_tail, req);
+    pthread_cond_broadcast(&ring->cv);
+    pthread_mutex_unlock(&ring->mu);
+    signal_efd(ring->efd);
+}
+
 int nx_ring_fd(const struct nx_ring *ring)
 {
     return ring->efd;
@@ -691,7 +742,8 @@ int nx_ring_submit(struct nx_ring *ring, uint64_t tag, int write, uint64_t lba,
     int rc = enter(dev);
     if (rc < 0)
         return rc;
-    rc = (ring->xfer == NULL && dev->fd < 0) ? -EBADF : check_io(dev, lba, iov, iovcnt, write);
+    int no_fd_needed = ring->xfer != NULL || ring->hooks != NULL;
+    rc = (!no_fd_needed && dev->fd < 0) ? -EBADF : check_io(dev, lba, iov, iovcnt, write);
     if (rc < 0) {
         leave(dev);
         return rc;
@@ -722,6 +774,12 @@ int nx_ring_submit(struct nx_ring *ring, uint64_t tag, int write, uint64_t lba,
             leave(dev);
             return rc;
         }
+        return 0;
+    }
+    if (ring->mode == NX_RING_CALLBACKS) {
+        /* Reports through nx_ring_done, maybe before returning (a dead connection). */
+        ring->hooks->start(ring->hooks_ctx, ring, req, lba, req->iov, req->iovcnt, req->write,
+                           req->durable);
         return 0;
     }
     pthread_mutex_lock(&ring->mu);
@@ -762,7 +820,7 @@ int nx_ring_reap(struct nx_ring *ring, struct nx_completion *out, int max, int w
             ring->free = req;
         }
         if (n >= wait || n >= max) {
-            if (ring->mode == NX_RING_POOL)
+            if (ring->mode != NX_RING_URING)
                 pthread_mutex_unlock(&ring->mu);
             return n;
         }

@@ -100,7 +100,9 @@ int nx_sync(struct nx_dev *dev);
 enum nx_ring_mode {
     NX_RING_ANY = 0,       /* io_uring if the kernel allows it, else the pool */
     NX_RING_URING = 1,
-    NX_RING_POOL = 2
+    NX_RING_POOL = 2,
+    NX_RING_CALLBACKS = 3  /* a backend's own asynchronous engine (an NBD export's: libnbd's
+                            * completion callbacks, nbd_backend.h); never for a file */
 };
 
 struct nx_ring;
@@ -151,5 +153,20 @@ typedef int (*nx_ring_xfer)(void *ctx, uint64_t lba, struct iovec *iov, int iovc
                             int write, int durable);
 int nx_ring_open_xfer(struct nx_dev *dev, unsigned depth, unsigned threads, nx_ring_xfer xfer,
                       void *ctx, struct nx_ring **out);
+
+/* A ring of mode NX_RING_CALLBACKS: no threads of the core.  nx_ring_submit checks a request
+ * as ever, then calls `start`, which must not block: it starts the transfer and reports its
+ * end exactly once with nx_ring_done(ring, req, result), from any thread (also from within
+ * `start`).  Done means the backend no longer touches the request's memory.  `stop` is called
+ * once, by nx_ring_close after the last completion was reaped: it frees `ctx`.  If
+ * nx_ring_open_async fails, `ctx` is the caller's to free. */
+struct nx_ring_hooks {
+    void (*start)(void *ctx, struct nx_ring *ring, void *req, uint64_t lba,
+                  const struct iovec *iov, int iovcnt, int write, int durable);
+    void (*stop)(void *ctx);
+};
+int nx_ring_open_async(struct nx_dev *dev, unsigned depth, const struct nx_ring_hooks *hooks,
+                       void *ctx, struct nx_ring **out);
+void nx_ring_done(struct nx_ring *ring, void *req, int result);
 
 #endif /* NEXFS_CORE_H */

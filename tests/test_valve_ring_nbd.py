@@ -1,9 +1,10 @@
 """Rings over an NBD export (``Valve.ring`` on ``nbd+unix://`` / ``nbd://``), against nbdkit.
 
-The export's ring is the C pool whose workers move each request with the NBD backend's
-vectored transfer (native/nbd_backend.c, ``nx_nbd_ring_open``).  What must hold is the
-file ring's contract (tests/test_valve_ring.py), and these tests run its checks and its
-model explorer over an export:
+Two engines (native/nbd_backend.c, ``nx_nbd_ring_open``): ``callbacks`` (the default: the
+submitting thread issues the NBD commands, libnbd's completion callbacks and a driver thread
+report them) and ``pool`` (C workers each moving one request with the backend's vectored
+transfer).  What must hold, for both, is the file ring's contract (tests/test_valve_ring.py),
+and these tests run its checks and its model explorer over an export:
 
 * checked at submit, refusals start nothing; data round trips with every buffer kind;
   memory stays alive until reaped; a trio task waits on the eventfd;
@@ -30,7 +31,8 @@ from valve_fixtures import MiB, make_image, pattern
 from valve import Capability, CapabilityError, DeviceError, Rights, Ring, Valve
 
 RW = Rights.READ | Rights.WRITE
-EXPLORER_SEEDS = 60 if os.environ.get("NEXFS_LONG") else 6
+ENGINES = ("callbacks", "pool")
+EXPLORER_SEEDS = 200 if os.environ.get("NEXFS_LONG") else 24
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +50,10 @@ def valve(export: NbdKit) -> Iterator[Valve]:
         yield v
 
 
-@pytest.fixture(params=["any", "pool"])
+@pytest.fixture(params=ENGINES)
 def ring(request: pytest.FixtureRequest, valve: Valve) -> Ring:
     r = valve.ring(16, engine=request.param, threads=3)
-    assert r.engine == "pool"
+    assert r.engine == request.param
     return r
 
 
@@ -60,22 +62,24 @@ def cap(valve: Valve) -> Capability:
     return valve.grant(RW)
 
 
-@pytest.mark.parametrize("engine", ["any", "pool"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_round_trip_every_buffer_kind(export: NbdKit, engine: str) -> None:
     # The file ring's test counts from zero: a valve of its own.
     with Valve.open(export.uri) as v:
         file_ring.test_round_trip_every_buffer_kind(v.grant(RW), v.ring(16, engine=engine), v)
 
 
-def test_checked_at_submit_and_refusal_starts_nothing(tmp_path: Path, export: NbdKit) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_checked_at_submit_and_refusal_starts_nothing(tmp_path: Path, export: NbdKit,
+                                                      engine: str) -> None:
     with Valve.open(export.uri) as v:
         file_ring.test_checked_at_submit_and_refusal_starts_nothing(
-            v.grant(RW), v.ring(16), v, tmp_path)
+            v.grant(RW), v.ring(16, engine=engine), v, tmp_path)
 
 
 def test_full_ring_refuses_before_starting(export: NbdKit) -> None:
     with Valve.open(export.uri) as v:
-        file_ring.test_full_ring_refuses_before_starting(v.grant(RW), v)
+        file_ring.test_full_ring_refuses_before_starting(v.grant(RW), v)  # "any": callbacks
 
 
 def test_revoked_after_submit_and_memory_alive_until_reaped(cap: Capability, ring: Ring) -> None:
@@ -87,26 +91,34 @@ def test_trio_waits_on_the_eventfd(cap: Capability, ring: Ring) -> None:
     file_ring.test_trio_waits_on_the_eventfd(cap, ring)
 
 
-def test_io_uring_is_refused_for_an_export(valve: Valve) -> None:
-    """io_uring moves bytes on a descriptor; an export has none.  Said, not half-done."""
+def test_engines_each_backend_refuses(valve: Valve, tmp_path: Path) -> None:
+    """io_uring moves bytes on a descriptor, which an export has not; the callbacks engine is
+    libnbd's, which a file has not.  Said, not half-done; "any" picks the export's default."""
     with pytest.raises(DeviceError) as err:
         valve.ring(4, engine="io_uring")
     assert err.value.errno == errno.EOPNOTSUPP and "io_uring" in str(err.value)
-    assert valve.ring(4, engine="any").engine == "pool"
+    assert valve.ring(4, engine="any").engine == "callbacks"
+    with Valve.open(make_image(tmp_path / "file.img", MiB)) as local:
+        with pytest.raises(DeviceError) as err:
+            local.ring(4, engine="callbacks")
+        assert err.value.errno == errno.EOPNOTSUPP
+        assert local.ring(4, engine="any").engine in ("io_uring", "pool")
 
 
 @pytest.mark.parametrize("seed", range(EXPLORER_SEEDS))
 def test_explorer_many_in_flight_against_a_model(seed: int, valve: Valve) -> None:
-    file_ring.explore(valve, seed, ("any", "pool")[seed % 2])
+    file_ring.explore(valve, seed, ENGINES[seed % 2])
 
 
-def test_requests_are_on_the_wire_together(tmp_path: Path) -> None:
-    """Eight reads and eight durable writes on a ring of 8 workers, with the server taking
-    0.25 s per request: together about 0.25 s each batch, one after another 2 s."""
+@pytest.mark.parametrize("engine", ENGINES)
+def test_requests_are_on_the_wire_together(tmp_path: Path, engine: str) -> None:
+    """Eight reads and eight durable writes on a ring (of 8 workers, for the pool), with the
+    server taking 0.25 s per request: together about 0.25 s each batch, one after another
+    2 s."""
     with NbdKit(tmp_path, "memory", ["8M", "delay-write=250ms", "delay-read=250ms"],
                 ["delay"]) as srv, Valve.open(srv.uri) as v:
         cap = v.grant(RW)
-        ring = v.ring(16, threads=8)
+        ring = v.ring(16, engine=engine, threads=8)
         t0 = time.monotonic()
         tags = {cap.block_write(i * 8, 8, pattern(i, 4096), ring=ring, durable=True): i
                 for i in range(8)}
@@ -126,12 +138,13 @@ def test_requests_are_on_the_wire_together(tmp_path: Path) -> None:
     assert reads < 1.2, f"8 reads on the ring took {reads:.2f} s"
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_stalled_server_fails_every_request_with_eio_within_the_timeout(
-    tmp_path: Path,
+    tmp_path: Path, engine: str,
 ) -> None:
-    """Requests on the wire and requests queued behind the workers: all complete with EIO
-    about one timeout after the stall (never a hang), the ring and the valve close, and no
-    late reply lands in a buffer (libnbd let go of them before the completions)."""
+    """Requests on the wire (and, for the pool, queued behind its workers): all complete with
+    EIO about one timeout after the stall (never a hang), the ring and the valve close, and
+    no late reply lands in a buffer (libnbd let go of them before the completions)."""
     backing = make_image(tmp_path / "stall.img", 8 * MiB)
     control = PauseControl(tmp_path / "pause.sock")
     with NbdKit(tmp_path, "file", [str(backing), f"pause-control={control.sock}"],
@@ -140,10 +153,10 @@ def test_a_stalled_server_fails_every_request_with_eio_within_the_timeout(
         try:
             cap = v.grant(RW)
             cap.block_write(0, 8, pattern(1, 4096), durable=True)
-            ring = v.ring(16, threads=4)
+            ring = v.ring(16, engine=engine, threads=4)
             control.pause()
             t0 = time.monotonic()
-            for i in range(12):  # 4 on the wire, 8 queued behind them
+            for i in range(12):  # pool: 4 on the wire, 8 queued behind them
                 if i % 3 == 0:
                     cap.block_write(64 + i * 8, 8, pattern(i, 4096), ring=ring)
                 else:
@@ -170,7 +183,8 @@ def test_a_stalled_server_fails_every_request_with_eio_within_the_timeout(
     assert backing.read_bytes()[:4096] == pattern(1, 4096)
 
 
-def test_close_during_a_stall_returns_within_the_timeout(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_close_during_a_stall_returns_within_the_timeout(tmp_path: Path, engine: str) -> None:
     """Valve.close while the ring's requests hang on a stalled server: the close waits for
     them, and they end at the deadline, so the close returns about one timeout later."""
     backing = make_image(tmp_path / "stall.img", 8 * MiB)
@@ -179,7 +193,7 @@ def test_close_during_a_stall_returns_within_the_timeout(tmp_path: Path) -> None
                 ["pause"]) as srv:
         v = Valve.open(srv.uri, nbd_timeout=1)
         cap = v.grant(RW)
-        ring = v.ring(8, threads=2)
+        ring = v.ring(8, engine=engine, threads=2)
         control.pause()
         for i in range(6):
             cap.block_read(i * 8, 8, ring=ring)
@@ -191,13 +205,14 @@ def test_close_during_a_stall_returns_within_the_timeout(tmp_path: Path) -> None
         control.resume()
 
 
-def test_a_killed_server_fails_the_ring_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_killed_server_fails_the_ring_at_once(tmp_path: Path, engine: str) -> None:
     backing = make_image(tmp_path / "killed.img", 8 * MiB)
     srv = NbdKit(tmp_path, "file", [str(backing)], tcp=True).start()
     try:
         with Valve.open(srv.uri, nbd_timeout=20) as v:
             cap = v.grant(RW)
-            ring = v.ring(32, threads=4)
+            ring = v.ring(32, engine=engine, threads=4)
             outcomes: list[int] = []
             killed_at = 0.0
             i = 0
@@ -222,14 +237,15 @@ def test_a_killed_server_fails_the_ring_at_once(tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_close_waits_for_requests_in_flight(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_close_waits_for_requests_in_flight(tmp_path: Path, engine: str) -> None:
     """Valve.close with durable writes on the ring of a slow server: it waits for them (the
     export then holds every one), and the ring is closed with the valve."""
     backing = make_image(tmp_path / "close.img", 8 * MiB)
     with NbdKit(tmp_path, "file", [str(backing), "delay-write=50ms"], ["delay"]) as srv:
         v = Valve.open(srv.uri)
         cap = v.grant(RW)
-        ring = v.ring(32, threads=4)
+        ring = v.ring(32, engine=engine, threads=4)
         for i in range(32):
             cap.block_write(i * 8, 8, pattern(i, 4096), ring=ring, durable=i % 8 == 7)
         v.close()

@@ -298,7 +298,7 @@ class Device:
         transfer, its deadline included (``nx_nbd_ring_open``); io_uring is refused before
         this (``Valve.ring``)."""
         if self.is_nbd:
-            return int(lib.nx_nbd_ring_open(self._h, depth, threads, out))
+            return int(lib.nx_nbd_ring_open(self._h, mode, depth, threads, out))
         return int(lib.nx_ring_open(self._dev, mode, depth, threads, out))
 
     def prepare(

@@ -39,8 +39,10 @@ from native import lib
 
 __all__ = ["ENGINES", "ENGINE_NAMES", "Completion", "Pending"]
 
-ENGINES: Final = {"any": lib.NX_RING_ANY, "io_uring": lib.NX_RING_URING, "pool": lib.NX_RING_POOL}
-ENGINE_NAMES: Final = {lib.NX_RING_URING: "io_uring", lib.NX_RING_POOL: "pool"}
+ENGINES: Final = {"any": lib.NX_RING_ANY, "io_uring": lib.NX_RING_URING, "pool": lib.NX_RING_POOL,
+                  "callbacks": lib.NX_RING_CALLBACKS}
+ENGINE_NAMES: Final = {lib.NX_RING_URING: "io_uring", lib.NX_RING_POOL: "pool",
+                       lib.NX_RING_CALLBACKS: "callbacks"}
 
 
 class Completion(NamedTuple):

@@ -236,6 +236,9 @@ class Valve:
         """
         if self._closed:
             self._deny("valve is closed")
+        if not self._device.is_nbd and engine == "callbacks":
+            raise DeviceError(errno.EOPNOTSUPP, "the callbacks engine is an NBD export's; "
+                              "a file's ring is 'io_uring' or 'pool'", self._device.path)
         if self._device.is_nbd and engine == "io_uring":
             # io_uring moves bytes on a local descriptor; an export's transfers are
             # libnbd's, which only the pool's threads can drive (native/nbd_backend.c).
