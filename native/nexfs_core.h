@@ -88,8 +88,9 @@ int nx_sync(struct nx_dev *dev);
  * them out.  Two engines behind one interface: io_uring (the kernel runs the O_DIRECT
  * transfer and posts the completion; no thread hop) and, where io_uring is unavailable
  * (kernel.io_uring_disabled, seccomp), a small pool of C threads doing preadv/pwritev
- * and signalling the eventfd.  An NBD export's ring is that pool with the export's
- * transfer in place of preadv/pwritev (nx_nbd_ring_open, nbd_backend.h).
+ * and signalling the eventfd.  An NBD export's ring (nx_nbd_ring_open, nbd_backend.h) is
+ * that pool with the export's transfer in place of preadv/pwritev, or the backend's own
+ * engine driven by libnbd's completion callbacks (NX_RING_CALLBACKS).
  *
  * Rules: one thread submits and reaps (the ring has no lock on that side); the iovec
  * array is copied at submit, the memory it points to must stay valid until the request

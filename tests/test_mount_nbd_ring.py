@@ -1,8 +1,9 @@
 """Reads in flight on an NBD-backed mount: the valve's ring over the export, through FUSE.
 
 A mount on an NBD export serves concurrent reads through the ring (nexfs/store/inflight.py)
-as a mount on an image does; here the ring's workers keep those reads on the wire together
-(native/nbd_backend.c, ``nx_nbd_ring_open``).  Checked with the test's own nbdkit:
+as a mount on an image does; over an export the ring keeps those reads on the wire together
+(native/nbd_backend.c, ``nx_nbd_ring_open``; its default engine, libnbd's callbacks).
+Checked with the test's own nbdkit:
 
 * the reads really overlap on the wire: eight O_DIRECT readers of uncached blocks against a
   server that takes 0.2 s per read finish in well under the 1.6 s one after another takes;
@@ -93,8 +94,8 @@ def test_reads_in_flight_reach_the_export_together(mounter: Mounter, tmp_path: P
         took, got = read_together(path, READERS)
         assert got == data
         serial = READERS * DELAY
-        # One after another: 1.6 s.  Together on 4 ring workers: about 3 x 0.2 s (the
-        # first read blocks, then two rounds); the bound leaves room for a loaded machine.
+        # One after another: 1.6 s.  On the ring: about 2 x 0.2 s (the first read blocks, the
+        # others go on the wire together); the bound leaves room for a loaded machine.
         assert took < 0.7 * serial, f"{READERS} reads took {took:.2f} s (serial {serial} s)"
         assert m.unmount() == 0
         assert "reads block" not in m.log_text()

@@ -14,9 +14,11 @@ Engines (``Ring.engine``): ``"io_uring"`` (the kernel runs the O_DIRECT transfer
 posts the completion; the submitting thread never blocks and nothing hops threads) and
 ``"pool"`` (a few C threads blocking in ``preadv``/``pwritev``, signalling the eventfd),
 used where io_uring is unavailable.  docs/VALVE.md has the measurements behind the
-default.  On an NBD export the ring is always the pool, its workers moving each request
-with the export's vectored transfer (each with the export's deadline; a timeout or a lost
-connection completes every request with EIO): ``"any"`` picks it, ``"io_uring"`` is refused.
+default.  On an NBD export: ``"callbacks"`` (what ``"any"`` picks: the submitting thread
+issues the NBD commands, libnbd's completion callbacks and a driver thread report them) or
+``"pool"`` (C workers each moving one request with the export's vectored transfer); each
+request has the export's deadline, a timeout or a lost connection completes every request
+with EIO; ``"io_uring"`` is refused there, ``"callbacks"`` for a file.
 
 Contract:
 

@@ -228,9 +228,9 @@ class Valve:
         """A completion channel for asynchronous transfers (``valve.ring``).
 
         ``engine`` is ``"io_uring"``, ``"pool"`` (``threads`` C threads) or ``"any"``
-        (io_uring where the kernel allows it; on an NBD export the pool, whose threads
-        keep up to ``threads`` requests on the wire; io_uring is refused there with
-        ``EOPNOTSUPP``).  Requests are made with
+        (io_uring where the kernel allows it).  On an NBD export: ``"callbacks"`` (what
+        ``"any"`` picks: libnbd's asynchronous commands) or ``"pool"``; ``"io_uring"`` is
+        refused there and ``"callbacks"`` for a file (``EOPNOTSUPP``).  Requests are made with
         ``cap.block_read(..., ring=r)`` / ``cap.block_write(..., ring=r)``, checked
         when made.  Closed with the valve at the latest.
         """
