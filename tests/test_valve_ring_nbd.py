@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,54 @@ def test_engines_each_backend_refuses(valve: Valve, tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", range(EXPLORER_SEEDS))
 def test_explorer_many_in_flight_against_a_model(seed: int, valve: Valve) -> None:
     file_ring.explore(valve, seed, ENGINES[seed % 2])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ring_and_blocking_threads_share_one_connection(valve: Valve, engine: str) -> None:
+    """The ring's requests and blocking transfers from other threads at once (as in the
+    mount: the loop's ring beside the write-behind and MMP threads), each on ranges of its
+    own: every read sees what its writer wrote last, and the counters add up."""
+    cap = valve.grant(RW)
+    ring = valve.ring(16, engine=engine, threads=4)
+    before = valve.stats
+    errors: list[BaseException] = []
+    rounds = 2000 if os.environ.get("NEXFS_LONG") else 200
+
+    def blocking(k: int) -> None:
+        try:
+            base = 2048 + k * 256
+            for i in range(rounds):
+                lba = base + (i % 16) * 16
+                data = pattern(1000 * k + i, 16 * 512)
+                cap.block_write(lba, 16, data, durable=i % 10 == 0)
+                assert bytes(cap.block_read(lba, 16)) == data
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=blocking, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    want: dict[int, bytes] = {}
+    ring_reads = 0
+    for i in range(rounds):
+        lba = (i % 32) * 16
+        data = pattern(i, 16 * 512)
+        tags = [cap.block_write(lba, 16, data, ring=ring, durable=i % 7 == 0)]
+        old = (i * 5) % max(1, len(want)) * 16
+        if old in want and old != lba:  # never a read beside a write of the same range
+            tags.append(cap.block_read(old, 16, ring=ring))
+        done = {c.tag: c for c in ring.reap(wait=len(tags))}
+        assert all(c.error is None for c in done.values()), done
+        if len(tags) == 2:
+            assert bytes(done[tags[1]].data or b"") == want[old]
+            ring_reads += 1
+        want[lba] = data
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[0]
+    s = valve.stats
+    assert (s.writes - before.writes, s.reads - before.reads) == (
+        rounds + 3 * rounds, ring_reads + 3 * rounds)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
