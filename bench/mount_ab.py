@@ -8,12 +8,18 @@ O_DIRECT write, then the jobs of ``bench/fio`` (psync, ``--direct=1``): randread
 4 jobs, randwrite QD1 and 4 jobs.  Prints the medians and new/old per job; ``--json``
 writes every sample.  A benchmark, not a test: exits 0 whatever the figures.
 
+With ``--nbd`` the volume is an NBD export instead: nbdkit's file plugin serves the image on
+a Unix socket (``cache=none``, as bench/fsbench's ``nbd`` system), formatted and mounted
+through its URI.
+
     python bench/mount_ab.py --old /tmp/old-tree --new . --runs 5 --runtime 5
+    python bench/mount_ab.py --old /tmp/old-tree --nbd --jobs randread-4k-qd1 randread-4k-4jobs
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -51,15 +58,53 @@ def _fio(job: str, filename: Path, size: str, runtime: float) -> float:
     return float(job_out["read"]["iops"] + job_out["write"]["iops"])
 
 
-def one_round(tree: Path, work: Path, size: str, runtime: float) -> dict[str, float]:
-    img, mnt, log = work / "ab.img", work / "mnt", work / "mount.log"
+@contextlib.contextmanager
+def _volume(tree: Path, work: Path, nbd: bool) -> Iterator[str]:
+    """A fresh 2 GiB volume made with ``tree``'s mkfs: the image's path, or with ``nbd`` the
+    URI of nbdkit serving it (stopped afterwards)."""
+    img = work / "ab.img"
     img.unlink(missing_ok=True)
-    mnt.mkdir(exist_ok=True)
     py = sys.executable
-    subprocess.run([py, "-m", "nexfs.tools.mkfs", "--size", "2G", "--quiet", str(img)],
-                   env=_env(tree), check=True, cwd=tree)
+    if not nbd:
+        subprocess.run([py, "-m", "nexfs.tools.mkfs", "--size", "2G", "--quiet", str(img)],
+                       env=_env(tree), check=True, cwd=tree)
+        yield str(img)
+        return
+    with open(img, "wb") as f:
+        f.truncate(2 << 30)
+    sock = work / "nbd.sock"
+    sock.unlink(missing_ok=True)
+    server = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "file",
+                               str(img), "cache=none"], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nbdkit did not start")
+            time.sleep(0.02)
+        uri = f"nbd+unix:///?socket={sock}"
+        # A short multi-mount protection interval: each mount's claim then takes ~1.4 s.
+        subprocess.run([py, "-m", "nexfs.tools.mkfs", "--quiet", "--mmp-interval", "0.2", uri],
+                       env=_env(tree), check=True, cwd=tree)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def one_round(tree: Path, work: Path, size: str, runtime: float, nbd: bool = False,
+              jobs: Sequence[str] = JOBS) -> dict[str, float]:
+    mnt, log = work / "mnt", work / "mount.log"
+    mnt.mkdir(exist_ok=True)
+    with _volume(tree, work, nbd) as volume:
+        return _measure(tree, volume, mnt, log, size, runtime, jobs)
+
+
+def _measure(tree: Path, volume: str, mnt: Path, log: Path, size: str, runtime: float,
+             jobs: Sequence[str]) -> dict[str, float]:
+    py = sys.executable
     with open(log, "w") as logf:
-        proc = subprocess.Popen([py, str(tree / "mount.py"), str(img), str(mnt), "--foreground"],
+        proc = subprocess.Popen([py, str(tree / "mount.py"), volume, str(mnt), "--foreground"],
                                 env=_env(tree), stdout=logf, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
@@ -71,7 +116,7 @@ def one_round(tree: Path, work: Path, size: str, runtime: float) -> dict[str, fl
         subprocess.run(["fio", "--name=fill", f"--filename={data}", f"--size={size}",
                         "--rw=write", "--bs=1m", "--direct=1", "--ioengine=psync",
                         "--end_fsync=1"], check=True, capture_output=True)
-        return {job: _fio(job, data, size, runtime) for job in JOBS}
+        return {job: _fio(job, data, size, runtime) for job in jobs}
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
         proc.wait(timeout=60)
@@ -86,23 +131,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="256m")
     ap.add_argument("--dir", default="/var/tmp", help="where the images go (disk-backed)")
     ap.add_argument("--json", help="write every sample here")
+    ap.add_argument("--nbd", action="store_true",
+                    help="the volume is an NBD export (nbdkit file plugin, Unix socket)")
+    ap.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS),
+                    help="the fio jobs to run (default: all)")
     args = ap.parse_args(argv)
     trees = {"old": args.old.resolve(), "new": args.new.resolve()}
-    samples: dict[str, dict[str, list[float]]] = {k: {j: [] for j in JOBS} for k in trees}
+    jobs: list[str] = args.jobs
+    samples: dict[str, dict[str, list[float]]] = {k: {j: [] for j in jobs} for k in trees}
     work = Path(tempfile.mkdtemp(prefix="mount-ab-", dir=args.dir))
     try:
         for run in range(args.runs):
             order = ("old", "new") if run % 2 == 0 else ("new", "old")
             for name in order:
-                got = one_round(trees[name], work, args.size, args.runtime)
+                got = one_round(trees[name], work, args.size, args.runtime, args.nbd, jobs)
                 for job, iops in got.items():
                     samples[name][job].append(iops)
                 print(f"run {run} {name}: " + ", ".join(f"{j} {v:.0f}" for j, v in got.items()),
                       flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nmedians of {args.runs} runs, {args.runtime} s per job, IOPS (--direct=1, psync):")
-    for job in JOBS:
+    where = "an NBD export" if args.nbd else "an image file"
+    print(f"\nmedians of {args.runs} runs, {args.runtime} s per job, IOPS (--direct=1, psync), "
+          f"NexFS on {where}:")
+    for job in jobs:
         old = statistics.median(samples["old"][job])
         new = statistics.median(samples["new"][job])
         print(f"  {job:22s} old {old:8.0f}  new {new:8.0f}  new/old {new / old:5.2f}")

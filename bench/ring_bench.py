@@ -16,21 +16,29 @@ Each at queue depth 1 (one task) and 4 (four tasks, or four requests kept in fli
 the ring).  Prints IOPS per method; ``--json`` writes every sample.  A benchmark, not a
 test: it exits 0 whatever the figures.
 
+With ``--nbd`` the image is served by nbdkit's file plugin on a Unix socket (``cache=none``)
+and the valve opens its URI: no io_uring there; ``ring-callbacks`` is the export's ring
+driven by libnbd's completion callbacks, ``ring-pool`` the pool whose workers each keep one
+request on the wire, with 4 and with 8 workers.
+
     python bench/ring_bench.py              # 5 runs x 2 s, 256 MiB image in /var/tmp
     python bench/ring_bench.py --quick      # 2 runs x 0.3 s, 32 MiB image
+    python bench/ring_bench.py --nbd        # the same over an NBD export
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -118,6 +126,28 @@ METHODS: dict[str, Callable[[Capability, Ring | None, int, float], Awaitable[flo
     "ring-io_uring": run_ring,
     "ring-pool": run_ring,
 }
+#: Over an NBD export: no io_uring; libnbd's completion callbacks, and the pool with 4 and 8
+#: workers.
+NBD_METHODS = {"blocking": run_blocking, "to_thread": run_to_thread,
+               "ring-callbacks": run_ring, "ring-pool": run_ring, "ring-pool-8": run_ring}
+
+
+@contextlib.contextmanager
+def _served(img: Path) -> Iterator[str]:
+    """nbdkit's file plugin serving ``img`` on a Unix socket beside it; yields the URI."""
+    sock = img.with_suffix(".sock")
+    server = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "file",
+                               str(img), "cache=none"], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nbdkit did not start")
+            time.sleep(0.02)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=None)
     ap.add_argument("--dir", default="/var/tmp", help="where the image goes (disk-backed)")
     ap.add_argument("--json", help="write every sample here")
+    ap.add_argument("--nbd", action="store_true", help="through nbdkit on a Unix socket")
     args = ap.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
     secs = args.seconds or (0.3 if args.quick else 2.0)
@@ -137,18 +168,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         img = tmp / "ring.img"
         make_image(img, size)
-        with Valve.open(img, read_only=True) as v:
+        methods = NBD_METHODS if args.nbd else METHODS
+        with (_served(img) if args.nbd else contextlib.nullcontext(str(img))) as target, \
+                Valve.open(target, read_only=True) as v:
             cap = v.grant(Rights.READ)
-            rings = {
-                "ring-io_uring": v.ring(8, engine="io_uring"),
-                "ring-pool": v.ring(8, engine="pool", threads=4),
-            }
-            order = list(METHODS)
+            rings = {"ring-pool": v.ring(8, engine="pool", threads=4)}
+            if args.nbd:
+                rings["ring-pool-8"] = v.ring(8, engine="pool", threads=8)
+                rings["ring-callbacks"] = v.ring(8, engine="callbacks")
+            else:
+                rings["ring-io_uring"] = v.ring(8, engine="io_uring")
+            order = list(methods)
             for run in range(runs):
                 rot = order[run % len(order):] + order[: run % len(order)]
                 for jobs in (1, 4):
                     for name in rot:
-                        fn = METHODS[name]
+                        fn = methods[name]
                         cpu0, t0 = time.process_time(), time.perf_counter()
                         iops = trio.run(fn, cap, rings.get(name), jobs, secs)
                         cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
@@ -161,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                 r.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"4 KiB random O_DIRECT reads under trio, {runs} runs x {secs} s, medians:")
+    where = "an NBD export (nbdkit file, Unix socket)" if args.nbd else "an image file"
+    print(f"4 KiB random O_DIRECT reads of {where} under trio, {runs} runs x {secs} s, "
+          "medians:")
     print(f"  {'method':20s} {'IOPS':>9s} {'CPU µs/req':>11s}   IOPS samples")
     for key, vals in samples.items():
         cpu = statistics.median(cpu_us[key])

@@ -520,6 +520,14 @@ static int run_batch(struct nx_nbd *n, struct nx_nbd_req *reqs, int nreqs, int d
     return rc;
 }
 
+static uint64_t iov_total_len(const struct iovec *iov, int iovcnt)
+{
+    uint64_t total = 0;
+    for (int i = 0; i < iovcnt; i++)
+        total += iov[i].iov_len;
+    return total;
+}
+
 static int dead_rc(struct nx_nbd *n)
 {
     if (n->handle == NULL)
@@ -549,32 +557,24 @@ int nx_nbd_submit(struct nx_nbd *n, struct nx_nbd_req *reqs, int nreqs, int dura
     return rc;
 }
 
-/* A vectored transfer: one request per segment, at consecutive offsets, counted as one
- * transfer (as one preadv/pwritev is for a file). */
-static int vectored(struct nx_nbd *n, uint64_t lba, struct iovec *iov, int iovcnt, int write,
+/* The body of a vectored transfer, for a caller that holds the export (enter): one
+ * request per segment, at consecutive offsets, all in flight together.  Not counted. */
+static int move_iov(struct nx_nbd *n, uint64_t lba, struct iovec *iov, int iovcnt, int write,
                     int durable)
 {
     if (iovcnt <= 0)
         return -EINVAL;
-    int rc = enter(n);
+    int rc = dead_rc(n);
     if (rc < 0)
         return rc;
-    rc = dead_rc(n);
-    if (rc < 0) {
-        leave(n);
-        return rc;
-    }
     uint64_t sector = n->dev.sector_size;
     struct nx_nbd_req stack_reqs[NX_NBD_STACK_OPS];
     struct nx_nbd_req *reqs = iovcnt <= NX_NBD_STACK_OPS
                                   ? stack_reqs
                                   : calloc((size_t)iovcnt, sizeof(*reqs));
-    if (reqs == NULL) {
-        leave(n);
+    if (reqs == NULL)
         return -ENOMEM;
-    }
     uint64_t at = lba;
-    uint64_t sectors = 0;
     for (int i = 0; i < iovcnt; i++) {
         reqs[i] = (struct nx_nbd_req){.lba = at, .buf = iov[i].iov_base,
                                       .len = iov[i].iov_len, .write = write, .err = 0};
@@ -583,17 +583,344 @@ static int vectored(struct nx_nbd *n, uint64_t lba, struct iovec *iov, int iovcn
             break;
         }
         at += iov[i].iov_len / sector;
-        sectors += iov[i].iov_len / sector;
     }
     if (rc == 0)
         rc = run_batch(n, reqs, iovcnt, durable);
+    if (reqs != stack_reqs)
+        free(reqs);
+    return rc;
+}
+
+/* A vectored transfer, counted as one transfer (as one preadv/pwritev is for a file). */
+static int vectored(struct nx_nbd *n, uint64_t lba, struct iovec *iov, int iovcnt, int write,
+                    int durable)
+{
+    if (iovcnt <= 0)
+        return -EINVAL;
+    int rc = enter(n);
+    if (rc < 0)
+        return rc;
+    uint64_t sectors = iov_total_len(iov, iovcnt) / n->dev.sector_size;
+    rc = move_iov(n, lba, iov, iovcnt, write, durable);
     if (rc == 0) {
         count(write ? &n->dev.writes : &n->dev.reads, 1);
         count(write ? &n->dev.sectors_written : &n->dev.sectors_read, sectors);
     }
-    if (reqs != stack_reqs)
-        free(reqs);
     leave(n);
+    return rc;
+}
+
+/* The ring's transfer hook (nx_ring_open_xfer): a pool worker moves one request with the
+ * blocking vectored transfer, so each worker keeps one request's commands on the wire and
+ * inherits its deadline (a timeout or a dead connection fails it with EIO, and returns
+ * only once libnbd has let go of the buffers).  The ring holds the export (enter at submit,
+ * leave at completion) and counts the transfer; the batch counts the barrier. */
+static int ring_xfer(void *ctx, uint64_t lba, struct iovec *iov, int iovcnt, int write,
+                     int durable)
+{
+    return move_iov(ctx, lba, iov, iovcnt, write, durable);
+}
+
+/* -- the callbacks engine (NX_RING_CALLBACKS) ------------------------------------------------
+ *
+ * nx_ring_submit's thread issues a request's NBD commands itself (libnbd's aio calls do not
+ * block) and returns; their completion callbacks, run by whichever thread drives libnbd,
+ * only set flags.  One driver thread per ring sleeps in the poller's seat (the same protocol
+ * as wait_ops: poll(2) on the socket and the wake-up eventfd, without the handle lock) while
+ * requests are in flight, and after each round reports the requests whose commands are all
+ * done to the ring (nx_ring_done: the ring's eventfd), issues the flush that follows the
+ * writes of a durable request on a server without FUA, and enforces each request's deadline
+ * exactly as wait_ops does (kill the connection; libnbd then aborts every command). */
+
+struct areq {
+    struct nx_ring *ring;
+    void *token;            /* the core's request */
+    int64_t deadline;
+    int nops;               /* commands issued so far (ops[] has room for one more flush) */
+    int flush_after;        /* durable, no FUA: a flush once the writes are answered */
+    int issue_err;
+    int result;             /* the request's result, once settled */
+    struct areq *next;
+    struct op ops[];
+};
+
+struct aring {
+    struct nx_nbd *n;
+    pthread_mutex_t mu;     /* active, stop */
+    pthread_cond_t work;    /* a request became active, or stop */
+    struct areq *active;
+    int stop;
+    pthread_t driver;
+};
+
+static int wire_err(int err)
+{
+    /* Timed out or connection gone: to the caller an I/O error, the reason is in errmsg. */
+    if (err == -ENOTCONN || err == -ESHUTDOWN || err == -EPIPE || err == -ECONNRESET ||
+        err == -ETIMEDOUT)
+        return -EIO;
+    return err;
+}
+
+static int issue_op(struct nx_nbd *n, struct op *op, int write, void *buf, size_t len,
+                    uint64_t off, uint32_t flags)
+{
+    nbd_completion_callback cb = {.callback = on_complete, .user_data = op, .free = NULL};
+    int64_t c = buf == NULL ? nbd_aio_flush(n->handle, cb, 0)
+                : write ? nbd_aio_pwrite(n->handle, buf, len, off, cb, flags)
+                        : nbd_aio_pread(n->handle, buf, len, off, cb, 0);
+    if (c >= 0)
+        return 0;
+    /* Not issued, so its callback never runs: finish it here. */
+    op->err = -EIO;
+    __atomic_store_n(&op->done, 1, __ATOMIC_RELEASE);
+    mark_dead(n, nbd_get_error());
+    return -EIO;
+}
+
+static void aring_start(void *ctx, struct nx_ring *ring, void *token, uint64_t lba,
+                        const struct iovec *iov, int iovcnt, int write, int durable)
+{
+    struct aring *a = ctx;
+    struct nx_nbd *n = a->n;
+    int rc = dead_rc(n);
+    if (rc < 0) {
+        nx_ring_done(ring, token, rc);
+        return;
+    }
+    int cmds = 0;
+    for (int i = 0; i < iovcnt; i++)
+        cmds += (int)((iov[i].iov_len + n->max_block - 1) / n->max_block);
+    int want_flush = write && durable;
+    int flush_beside = want_flush && n->can_fua;
+    struct areq *r = calloc(1, sizeof(*r) + (size_t)(cmds + 1) * sizeof(struct op));
+    if (r == NULL) {
+        nx_ring_done(ring, token, -ENOMEM);
+        return;
+    }
+    r->ring = ring;
+    r->token = token;
+    r->deadline = now_ms() + n->timeout_ms;
+    r->flush_after = want_flush && !flush_beside;
+    uint64_t off = lba * n->dev.sector_size;
+    for (int i = 0; i < iovcnt && !r->issue_err; i++) {
+        for (size_t done = 0; done < iov[i].iov_len && !r->issue_err; done += n->max_block) {
+            size_t len = iov[i].iov_len - done;
+            if (len > n->max_block)
+                len = n->max_block;
+            struct op *op = &r->ops[r->nops++];
+            op->req = 0;
+            r->issue_err = issue_op(n, op, write, (char *)iov[i].iov_base + done, len,
+                                    off + done, flush_beside ? LIBNBD_CMD_FLAG_FUA : 0);
+        }
+        off += iov[i].iov_len;
+    }
+    if (flush_beside && !r->issue_err) {
+        struct op *op = &r->ops[r->nops++];
+        op->req = -1;
+        r->issue_err = issue_op(n, op, 0, NULL, 0, 0, 0);
+    }
+    pthread_mutex_lock(&a->mu);
+    r->next = a->active;
+    a->active = r;
+    pthread_cond_signal(&a->work);
+    pthread_mutex_unlock(&a->mu);
+    /* libnbd sends what it can from this thread.  Only what is left to send needs the
+     * poller to watch for POLLOUT; a poller already watching for the replies (POLLIN) need
+     * not be woken: that wake-up would cost as much as the whole request's. */
+    if (r->issue_err || (nbd_aio_get_direction(n->handle) & LIBNBD_AIO_DIRECTION_WRITE))
+        kick(n);
+}
+
+/* Every command of `r` is done: issue its flush-after if it needs one (returns 0: still
+ * active), else its result (1). */
+static int areq_settle(struct nx_nbd *n, struct areq *r, int *result)
+{
+    int rc = 0;
+    int flushed = 0;
+    for (int j = 0; j < r->nops; j++) {
+        int err = wire_err(r->ops[j].err);
+        if (r->ops[j].req < 0 && err == 0)
+            flushed = 1;
+        if (rc == 0 && err < 0)
+            rc = err;
+    }
+    if (rc == 0 && r->issue_err)
+        rc = r->issue_err;
+    if (rc == 0 && r->flush_after) {
+        r->flush_after = 0;
+        if (!__atomic_load_n(&n->dead, __ATOMIC_SEQ_CST)) {
+            struct op *op = &r->ops[r->nops++];
+            op->req = -1;
+            r->deadline = now_ms() + n->timeout_ms;
+            if (issue_op(n, op, 0, NULL, 0, 0, 0) == 0) {
+                kick(n);
+                return 0;
+            }
+            rc = -EIO;
+        } else {
+            rc = -EIO;
+        }
+    }
+    if (flushed)
+        count(&n->dev.barriers, 1);
+    *result = rc;
+    return 1;
+}
+
+/* Has a request of `a` all its commands done?  (The caller holds p->lock: a poller that
+ * ran their callbacks has finished its round, so what it did is visible.) */
+static int any_settled(struct aring *a)
+{
+    int found = 0;
+    pthread_mutex_lock(&a->mu);
+    for (struct areq *r = a->active; r != NULL && !found; r = r->next)
+        found = all_done(r->ops, r->nops);
+    pthread_mutex_unlock(&a->mu);
+    return found;
+}
+
+static void *aring_driver(void *arg)
+{
+    struct aring *a = arg;
+    struct nx_nbd *n = a->n;
+    struct priv *p = n->priv;
+    int killed = 0;  /* this driver dropped the connection at a deadline */
+    for (;;) {
+        /* Report what is done (outside every lock but ours: nx_ring_done takes the ring's). */
+        struct areq *finished = NULL;
+        int64_t earliest = INT64_MAX;
+        pthread_mutex_lock(&a->mu);
+        for (struct areq **at = &a->active; *at != NULL;) {
+            struct areq *r = *at;
+            int result;
+            if (all_done(r->ops, r->nops) && areq_settle(n, r, &result)) {
+                r->result = result;
+                *at = r->next;
+                r->next = finished;
+                finished = r;
+                continue;
+            }
+            if (r->deadline < earliest)
+                earliest = r->deadline;
+            at = &r->next;
+        }
+        int idle = a->active == NULL;
+        int stop = a->stop;
+        if (idle && !stop && finished == NULL)
+            pthread_cond_wait(&a->work, &a->mu);
+        pthread_mutex_unlock(&a->mu);
+        while (finished != NULL) {
+            struct areq *r = finished;
+            finished = r->next;
+            nx_ring_done(r->ring, r->token, r->result);
+            free(r);
+        }
+        if (idle) {
+            if (stop)
+                return NULL;
+            continue;
+        }
+        /* One round of waiting, as wait_ops does. */
+        pthread_mutex_lock(&p->lock);
+        if (__atomic_load_n(&n->dead, __ATOMIC_SEQ_CST) &&
+            (nbd_aio_is_dead(n->handle) > 0 || nbd_aio_is_closed(n->handle) > 0)) {
+            /* libnbd has aborted every command (their callbacks ran) and holds no buffer:
+             * a command still pending was never going to complete. */
+            pthread_mutex_unlock(&p->lock);
+            pthread_mutex_lock(&a->mu);
+            for (struct areq *r = a->active; r != NULL; r = r->next)
+                for (int j = 0; j < r->nops; j++)
+                    if (!__atomic_load_n(&r->ops[j].done, __ATOMIC_ACQUIRE)) {
+                        r->ops[j].err = -EIO;
+                        __atomic_store_n(&r->ops[j].done, 1, __ATOMIC_RELEASE);
+                    }
+            pthread_mutex_unlock(&a->mu);
+            continue;
+        }
+        int64_t left = earliest - now_ms();
+        if (left <= 0) {
+            pthread_mutex_unlock(&p->lock);
+            if (!killed) {
+                /* Also when another request already marked the connection dead (a command
+                 * that could not be issued): the socket may still be up, and these commands
+                 * must end. */
+                killed = 1;
+                __atomic_add_fetch(&n->timeouts, 1, __ATOMIC_RELAXED);
+                char why[96];
+                snprintf(why, sizeof(why), "a request got no answer within %u ms",
+                         (unsigned)n->timeout_ms);
+                kill_connection(n, why);
+            }
+            /* Then drive libnbd until it has seen the end of the connection. */
+            pthread_mutex_lock(&p->lock);
+            left = NX_NBD_SLICE_MS;
+        }
+        int slice = left > NX_NBD_SLICE_MS ? NX_NBD_SLICE_MS : (int)left;
+        if (any_settled(a)) {
+            /* Another poller finished our commands since the scan: report them first. */
+        } else if (!p->polling) {
+            __atomic_store_n(&p->polling, 1, __ATOMIC_RELEASE);
+            pthread_mutex_unlock(&p->lock);
+            poll_once(n, slice);
+            pthread_mutex_lock(&p->lock);
+            __atomic_store_n(&p->polling, 0, __ATOMIC_RELEASE);
+            pthread_cond_broadcast(&p->progressed);
+        } else {
+            struct timespec until;
+            clock_gettime(CLOCK_REALTIME, &until);
+            until.tv_nsec += (long)slice * 1000000L;
+            until.tv_sec += until.tv_nsec / 1000000000L;
+            until.tv_nsec %= 1000000000L;
+            pthread_cond_timedwait(&p->progressed, &p->lock, &until);
+        }
+        pthread_mutex_unlock(&p->lock);
+    }
+}
+
+static void aring_stop(void *ctx)
+{
+    struct aring *a = ctx;
+    pthread_mutex_lock(&a->mu);
+    a->stop = 1;
+    pthread_cond_signal(&a->work);
+    pthread_mutex_unlock(&a->mu);
+    pthread_join(a->driver, NULL);
+    pthread_cond_destroy(&a->work);
+    pthread_mutex_destroy(&a->mu);
+    free(a);
+}
+
+static const struct nx_ring_hooks aring_hooks = {.start = aring_start, .stop = aring_stop};
+
+int nx_nbd_ring_open(struct nx_nbd *n, int mode, unsigned depth, unsigned threads,
+                     struct nx_ring **out)
+{
+    *out = NULL;
+    if (n->handle == NULL || __atomic_load_n(&n->dev.closing, __ATOMIC_SEQ_CST))
+        return -EBADF;
+    if (mode == NX_RING_URING)
+        return -EOPNOTSUPP;
+    if (mode == NX_RING_POOL)
+        return nx_ring_open_xfer(&n->dev, depth, threads, ring_xfer, n, out);
+    if (mode != NX_RING_ANY && mode != NX_RING_CALLBACKS)
+        return -EINVAL;
+    struct aring *a = calloc(1, sizeof(*a));
+    if (a == NULL)
+        return -ENOMEM;
+    a->n = n;
+    pthread_mutex_init(&a->mu, NULL);
+    pthread_cond_init(&a->work, NULL);
+    int err = pthread_create(&a->driver, NULL, aring_driver, a);
+    if (err != 0) {
+        pthread_cond_destroy(&a->work);
+        pthread_mutex_destroy(&a->mu);
+        free(a);
+        return -err;
+    }
+    int rc = nx_ring_open_async(&n->dev, depth, &aring_hooks, a, out);
+    if (rc < 0)
+        aring_stop(a);
     return rc;
 }
 

@@ -82,6 +82,17 @@ int nx_nbd_writev(struct nx_nbd *n, uint64_t lba, struct iovec *iov, int iovcnt,
 /* Durability barrier: NBD_CMD_FLUSH. */
 int nx_nbd_sync(struct nx_nbd *n);
 
+/* A ring (nexfs_core.h, nx_ring_*) over the export.  `mode`: NX_RING_CALLBACKS (or
+ * NX_RING_ANY): the submitting thread issues the commands, libnbd's completion callbacks and
+ * one driver thread report them, up to `depth` requests on the wire; NX_RING_POOL: `threads`
+ * workers each move one request with the vectored transfer above; NX_RING_URING is
+ * -EOPNOTSUPP.  The same contract as a file's ring: checked at submit, completions on the
+ * eventfd, nx_ring_close before nx_nbd_close; every request has the export's deadline, and
+ * a timeout or a dead connection completes every request in flight with -EIO, only once
+ * libnbd has let go of its memory.  -EBADF once the export is closed or closing. */
+int nx_nbd_ring_open(struct nx_nbd *n, int mode, unsigned depth, unsigned threads,
+                     struct nx_ring **out);
+
 /* cdef-end */
 
 #endif /* NEXFS_NBD_BACKEND_H */

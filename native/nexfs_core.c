@@ -206,15 +206,15 @@ static void count(uint64_t *counter, uint64_t n)
     __atomic_add_fetch(counter, n, __ATOMIC_RELAXED);
 }
 
-/* Range and alignment checks shared by every transfer: refuse before O_DIRECT sees it. */
+/* Range and alignment checks shared by every transfer: refuse before O_DIRECT sees it.
+ * (Whether there is a descriptor is the caller's check: a ring with a transfer hook has
+ * none.) */
 static int check_io(const struct nx_dev *dev, uint64_t lba, const struct iovec *iov,
                     int iovcnt, int writing)
 {
     uint64_t total = 0;
     uintptr_t mask = (uintptr_t)dev->mem_align - 1;
 
-    if (dev->fd < 0)
-        return -EBADF;
     if (writing && dev->read_only)
         return -EBADF;
     if (iovcnt <= 0)
@@ -285,7 +285,7 @@ int nx_sync(struct nx_dev *dev)
  * (enter/leave).  ``write`` selects the direction and the counters. */
 static int io_one(struct nx_dev *dev, uint64_t lba, struct iovec *iov, int iovcnt, int write)
 {
-    int rc = check_io(dev, lba, iov, iovcnt, write);
+    int rc = dev->fd < 0 ? -EBADF : check_io(dev, lba, iov, iovcnt, write);
     if (rc < 0)
         return rc;
     uint64_t sectors = 0;
@@ -361,6 +361,10 @@ struct nx_req {
 struct nx_ring {
     struct nx_dev *dev;
     int mode;
+    nx_ring_xfer xfer;      /* pool only: moves a request instead of preadv/pwritev on dev->fd */
+    void *xfer_ctx;
+    const struct nx_ring_hooks *hooks;  /* NX_RING_CALLBACKS: the backend's engine */
+    void *hooks_ctx;
     int efd;
     unsigned depth;
     unsigned inflight;      /* submitted, not reaped: touched only by the submitting thread */
@@ -535,10 +539,18 @@ static void *pool_worker(void *arg)
             ring->queue_tail = NULL;
         pthread_mutex_unlock(&ring->mu);
 
-        int rc = transfer(dev->fd, req->iov, req->iovcnt,
+        int rc;
+        if (ring->xfer != NULL) {
+            /* Another backend's transfer (the NBD export's): it makes a durable write
+             * durable and counts the barrier itself. */
+            rc = ring->xfer(ring->xfer_ctx, req->lba, req->iov, req->iovcnt, req->write,
+                            req->durable);
+        } else {
+            rc = transfer(dev->fd, req->iov, req->iovcnt,
                           (off_t)(req->lba * dev->sector_size), req->write);
-        if (rc == 0 && req->durable)
-            rc = sync_fd(dev);
+            if (rc == 0 && req->durable)
+                rc = sync_fd(dev);
+        }
         req->result = rc;
         finish(ring, req);
 
@@ -570,6 +582,12 @@ static void ring_free(struct nx_ring *ring)
         pthread_cond_destroy(&ring->cv);
         pthread_mutex_destroy(&ring->mu);
     }
+    if (ring->mode == NX_RING_CALLBACKS) {
+        if (ring->hooks_ctx != NULL)
+            ring->hooks->stop(ring->hooks_ctx);
+        pthread_cond_destroy(&ring->cv);
+        pthread_mutex_destroy(&ring->mu);
+    }
     if (ring->slots) {
         for (unsigned i = 0; i < ring->depth; i++)
             free(ring->slots[i].iov);
@@ -580,18 +598,20 @@ static void ring_free(struct nx_ring *ring)
     free(ring);
 }
 
-int nx_ring_open(struct nx_dev *dev, int mode, unsigned depth, unsigned threads,
-                 struct nx_ring **out)
+static int ring_open(struct nx_dev *dev, int mode, unsigned depth, unsigned threads,
+                     nx_ring_xfer xfer, void *xfer_ctx, struct nx_ring **out)
 {
     *out = NULL;
     if (depth == 0 || depth > NX_RING_MAX_DEPTH || mode < NX_RING_ANY || mode > NX_RING_POOL)
         return -EINVAL;
-    if (dev->fd < 0)
+    if (xfer == NULL && dev->fd < 0)
         return -EBADF;
     struct nx_ring *ring = calloc(1, sizeof(*ring));
     if (ring == NULL)
         return -ENOMEM;
     ring->dev = dev;
+    ring->xfer = xfer;
+    ring->xfer_ctx = xfer_ctx;
     ring->depth = depth;
     ring->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     ring->slots = calloc(depth, sizeof(*ring->slots));
@@ -641,6 +661,62 @@ int nx_ring_open(struct nx_dev *dev, int mode, unsigned depth, unsigned threads,
     return 0;
 }
 
+int nx_ring_open(struct nx_dev *dev, int mode, unsigned depth, unsigned threads,
+                 struct nx_ring **out)
+{
+    return ring_open(dev, mode, depth, threads, NULL, NULL, out);
+}
+
+int nx_ring_open_xfer(struct nx_dev *dev, unsigned depth, unsigned threads, nx_ring_xfer xfer,
+                      void *ctx, struct nx_ring **out)
+{
+    /* Only the pool can call a hook: io_uring moves bytes on a descriptor itself. */
+    return ring_open(dev, NX_RING_POOL, depth, threads, xfer, ctx, out);
+}
+
+int nx_ring_open_async(struct nx_dev *dev, unsigned depth, const struct nx_ring_hooks *hooks,
+                       void *ctx, struct nx_ring **out)
+{
+    *out = NULL;
+    if (depth == 0 || depth > NX_RING_MAX_DEPTH)
+        return -EINVAL;
+    struct nx_ring *ring = calloc(1, sizeof(*ring));
+    if (ring == NULL)
+        return -ENOMEM;
+    ring->dev = dev;
+    ring->depth = depth;
+    ring->mode = NX_RING_CALLBACKS;
+    pthread_mutex_init(&ring->mu, NULL);
+    pthread_cond_init(&ring->cv, NULL);
+    ring->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    ring->slots = calloc(depth, sizeof(*ring->slots));
+    if (ring->efd < 0 || ring->slots == NULL) {
+        int err = ring->efd < 0 ? errno : ENOMEM;
+        ring_free(ring);  /* hooks_ctx still NULL: ctx stays the caller's */
+        return -err;
+    }
+    for (unsigned i = depth; i-- > 0;) {
+        ring->slots[i].next = ring->free;
+        ring->free = &ring->slots[i];
+    }
+    ring->hooks = hooks;
+    ring->hooks_ctx = ctx;
+    *out = ring;
+    return 0;
+}
+
+void nx_ring_done(struct nx_ring *ring, void *token, int result)
+{
+    struct nx_req *req = token;
+    req->result = result;
+    finish(ring, req);
+    pthread_mutex_lock(&ring->mu);
+    push(&ring->done, &ring->done_tail, req);
+    pthread_cond_broadcast(&ring->cv);
+    pthread_mutex_unlock(&ring->mu);
+    signal_efd(ring->efd);
+}
+
 int nx_ring_fd(const struct nx_ring *ring)
 {
     return ring->efd;
@@ -666,7 +742,8 @@ int nx_ring_submit(struct nx_ring *ring, uint64_t tag, int write, uint64_t lba,
     int rc = enter(dev);
     if (rc < 0)
         return rc;
-    rc = check_io(dev, lba, iov, iovcnt, write);
+    int no_fd_needed = ring->xfer != NULL || ring->hooks != NULL;
+    rc = (!no_fd_needed && dev->fd < 0) ? -EBADF : check_io(dev, lba, iov, iovcnt, write);
     if (rc < 0) {
         leave(dev);
         return rc;
@@ -697,6 +774,12 @@ int nx_ring_submit(struct nx_ring *ring, uint64_t tag, int write, uint64_t lba,
             leave(dev);
             return rc;
         }
+        return 0;
+    }
+    if (ring->mode == NX_RING_CALLBACKS) {
+        /* Reports through nx_ring_done, maybe before returning (a dead connection). */
+        ring->hooks->start(ring->hooks_ctx, ring, req, lba, req->iov, req->iovcnt, req->write,
+                           req->durable);
         return 0;
     }
     pthread_mutex_lock(&ring->mu);
@@ -737,7 +820,7 @@ int nx_ring_reap(struct nx_ring *ring, struct nx_completion *out, int max, int w
             ring->free = req;
         }
         if (n >= wait || n >= max) {
-            if (ring->mode == NX_RING_POOL)
+            if (ring->mode != NX_RING_URING)
                 pthread_mutex_unlock(&ring->mu);
             return n;
         }

@@ -88,7 +88,9 @@ int nx_sync(struct nx_dev *dev);
  * them out.  Two engines behind one interface: io_uring (the kernel runs the O_DIRECT
  * transfer and posts the completion; no thread hop) and, where io_uring is unavailable
  * (kernel.io_uring_disabled, seccomp), a small pool of C threads doing preadv/pwritev
- * and signalling the eventfd.
+ * and signalling the eventfd.  An NBD export's ring (nx_nbd_ring_open, nbd_backend.h) is
+ * that pool with the export's transfer in place of preadv/pwritev, or the backend's own
+ * engine driven by libnbd's completion callbacks (NX_RING_CALLBACKS).
  *
  * Rules: one thread submits and reaps (the ring has no lock on that side); the iovec
  * array is copied at submit, the memory it points to must stay valid until the request
@@ -99,7 +101,9 @@ int nx_sync(struct nx_dev *dev);
 enum nx_ring_mode {
     NX_RING_ANY = 0,       /* io_uring if the kernel allows it, else the pool */
     NX_RING_URING = 1,
-    NX_RING_POOL = 2
+    NX_RING_POOL = 2,
+    NX_RING_CALLBACKS = 3  /* a backend's own asynchronous engine (an NBD export's: libnbd's
+                            * completion callbacks, nbd_backend.h); never for a file */
 };
 
 struct nx_ring;
@@ -134,5 +138,36 @@ int nx_ring_reap(struct nx_ring *ring, struct nx_completion *out, int max, int w
 void nx_ring_close(struct nx_ring *ring);
 
 /* cdef-end */
+
+/* ---- For the valve's other backends (C only: not part of the cffi ABI) ----
+ *
+ * A ring of the pool engine whose workers move each request with `xfer` instead of
+ * preadv/pwritev on dev->fd (which may be -1): the NBD backend's ring (nbd_backend.h,
+ * nx_nbd_ring_open).  Everything else is the pool's: the checks at submit (on `dev`'s
+ * geometry; no descriptor needed), the enter/leave handshake with the backend's close,
+ * the counters (reads, writes, sectors), the eventfd, the close.  `xfer` moves the whole
+ * of iov[0..iovcnt) at sector `lba` or fails (-errno), blocks until the transfer has
+ * finished with the memory (a late completion must never land in a reaped buffer), makes a
+ * durable write durable, counts that barrier itself, and may be called by several workers
+ * at once. */
+typedef int (*nx_ring_xfer)(void *ctx, uint64_t lba, struct iovec *iov, int iovcnt,
+                            int write, int durable);
+int nx_ring_open_xfer(struct nx_dev *dev, unsigned depth, unsigned threads, nx_ring_xfer xfer,
+                      void *ctx, struct nx_ring **out);
+
+/* A ring of mode NX_RING_CALLBACKS: no threads of the core.  nx_ring_submit checks a request
+ * as ever, then calls `start`, which must not block: it starts the transfer and reports its
+ * end exactly once with nx_ring_done(ring, req, result), from any thread (also from within
+ * `start`).  Done means the backend no longer touches the request's memory.  `stop` is called
+ * once, by nx_ring_close after the last completion was reaped: it frees `ctx`.  If
+ * nx_ring_open_async fails, `ctx` is the caller's to free. */
+struct nx_ring_hooks {
+    void (*start)(void *ctx, struct nx_ring *ring, void *req, uint64_t lba,
+                  const struct iovec *iov, int iovcnt, int write, int durable);
+    void (*stop)(void *ctx);
+};
+int nx_ring_open_async(struct nx_dev *dev, unsigned depth, const struct nx_ring_hooks *hooks,
+                       void *ctx, struct nx_ring **out);
+void nx_ring_done(struct nx_ring *ring, void *req, int result);
 
 #endif /* NEXFS_CORE_H */

@@ -231,72 +231,80 @@ def test_trio_waits_on_the_eventfd(cap: Capability, ring: Ring) -> None:
 
 @pytest.mark.parametrize("seed", range(EXPLORER_SEEDS))
 def test_explorer_many_in_flight_against_a_model(seed: int, img: Path) -> None:
-    """Random mixes of ring and blocking transfers over disjoint ranges, checked by a model.
+    """Random mixes of ring and blocking transfers over disjoint ranges, checked by a model."""
+    with Valve.open(img) as v:
+        explore(v, seed, ENGINES[seed % 2])
+
+
+def explore(v: Valve, seed: int, engine: str) -> None:
+    """The explorer's body, on an open valve of at least 512 sectors (also run over an NBD
+    export: tests/test_valve_ring_nbd.py).
 
     Up to ``depth`` requests are in flight at once; a range is never touched by two
     transfers in flight together (the valve does not order overlapping ones: that is
     the caller's job), and every completed read must equal the model at submit time.
+    The valve's counters must count exactly the requests made.
     """
     rnd = random.Random(seed)
-    engine = ENGINES[seed % 2]
     sectors = 512
     reads = writes = sread = swritten = 0
-    with Valve.open(img) as v:
-        cap = v.grant(RW)
-        ss = cap.block_info().sector_size
-        model = bytearray(sectors * ss)
-        ring = v.ring(rnd.choice((1, 4, 16)), engine=engine, threads=rnd.randint(1, 4))
-        busy: dict[int, tuple[int, int, bytes | None]] = {}  # tag -> (lba, n, expect)
+    before = v.stats
+    cap = v.grant(RW)
+    ss = cap.block_info().sector_size
+    model = bytearray(sectors * ss)
+    ring = v.ring(rnd.choice((1, 4, 16)), engine=engine, threads=rnd.randint(1, 4))
+    busy: dict[int, tuple[int, int, bytes | None]] = {}  # tag -> (lba, n, expect)
 
-        def overlaps(lba: int, n: int) -> bool:
-            return any(lba < b + m and b < lba + n for b, m, _ in busy.values())
+    def overlaps(lba: int, n: int) -> bool:
+        return any(lba < b + m and b < lba + n for b, m, _ in busy.values())
 
-        def settle(done: list[Completion]) -> None:
-            for c in done:
-                lba, n, expect = busy.pop(c.tag)
-                assert c.error is None, c.error
-                if expect is not None:
-                    assert c.data is not None and bytes(c.data) == expect, (seed, lba, n)
+    def settle(done: list[Completion]) -> None:
+        for c in done:
+            lba, n, expect = busy.pop(c.tag)
+            assert c.error is None, c.error
+            if expect is not None:
+                assert c.data is not None and bytes(c.data) == expect, (seed, lba, n)
 
-        for _ in range(120):
-            lba = rnd.randrange(sectors - 8)
-            n = rnd.randint(1, min(64, sectors - lba))
-            if overlaps(lba, n) or ring.in_flight == ring.depth:
-                settle(ring.reap(wait=rnd.randint(1, max(1, ring.in_flight))))
-                continue
-            op = rnd.random()
-            if op < 0.4:
-                data = rnd.randbytes(n * ss)
-                buf: Buffer = data
-                if rnd.random() < 0.5:
-                    abuf = cap.alloc_buffer(n * ss)
-                    memoryview(abuf)[:] = data
-                    buf = abuf
-                tag = cap.block_write(lba, n, buf, ring=ring, durable=rnd.random() < 0.1)
-                model[lba * ss : (lba + n) * ss] = data
-                busy[tag] = (lba, n, None)
-                writes += 1
-                swritten += n
-            elif op < 0.8:
-                into = rnd.choice([None, "aligned", "bytearray"])
-                target: AlignedBuffer | bytearray | None = (
-                    cap.alloc_buffer(n * ss) if into == "aligned"
-                    else bytearray(n * ss) if into == "bytearray" else None
-                )
-                tag = cap.block_read(lba, n, target, ring=ring)
-                busy[tag] = (lba, n, bytes(model[lba * ss : (lba + n) * ss]))
-                reads += 1
-                sread += n
-            else:
-                # a blocking transfer between them, on a range nothing in flight touches
-                assert bytes(cap.block_read(lba, n)) == model[lba * ss : (lba + n) * ss]
-                reads += 1
-                sread += n
-            settle(ring.reap())
-        settle(ring.reap(wait=ring.in_flight))
-        assert not busy
-        s = v.stats
-        assert (s.reads, s.writes, s.sectors_read, s.sectors_written) == (
-            reads, writes, sread, swritten,
-        )
-        assert bytes(cap.block_read(0, sectors)) == model
+    for _ in range(120):
+        lba = rnd.randrange(sectors - 8)
+        n = rnd.randint(1, min(64, sectors - lba))
+        if overlaps(lba, n) or ring.in_flight == ring.depth:
+            settle(ring.reap(wait=rnd.randint(1, max(1, ring.in_flight))))
+            continue
+        op = rnd.random()
+        if op < 0.4:
+            data = rnd.randbytes(n * ss)
+            buf: Buffer = data
+            if rnd.random() < 0.5:
+                abuf = cap.alloc_buffer(n * ss)
+                memoryview(abuf)[:] = data
+                buf = abuf
+            tag = cap.block_write(lba, n, buf, ring=ring, durable=rnd.random() < 0.1)
+            model[lba * ss : (lba + n) * ss] = data
+            busy[tag] = (lba, n, None)
+            writes += 1
+            swritten += n
+        elif op < 0.8:
+            into = rnd.choice([None, "aligned", "bytearray"])
+            target: AlignedBuffer | bytearray | None = (
+                cap.alloc_buffer(n * ss) if into == "aligned"
+                else bytearray(n * ss) if into == "bytearray" else None
+            )
+            tag = cap.block_read(lba, n, target, ring=ring)
+            busy[tag] = (lba, n, bytes(model[lba * ss : (lba + n) * ss]))
+            reads += 1
+            sread += n
+        else:
+            # a blocking transfer between them, on a range nothing in flight touches
+            assert bytes(cap.block_read(lba, n)) == model[lba * ss : (lba + n) * ss]
+            reads += 1
+            sread += n
+        settle(ring.reap())
+    settle(ring.reap(wait=ring.in_flight))
+    assert not busy
+    s = v.stats
+    assert (s.reads - before.reads, s.writes - before.writes,
+            s.sectors_read - before.sectors_read,
+            s.sectors_written - before.sectors_written) == (reads, writes, sread, swritten)
+    assert bytes(cap.block_read(0, sectors)) == model
+    ring.close()

@@ -292,6 +292,15 @@ class Device:
         """The ``struct nx_dev *`` (for the valve's rings; never for I/O around the valve)."""
         return self._dev
 
+    def open_ring(self, mode: int, depth: int, threads: int, out: Any) -> int:
+        """``nx_ring_open`` for this backend (0 or -errno; ``out[0]`` the ring).  An export's
+        ring is the pool whose workers move each request with the NBD backend's vectored
+        transfer, its deadline included (``nx_nbd_ring_open``); io_uring is refused before
+        this (``Valve.ring``)."""
+        if self.is_nbd:
+            return int(lib.nx_nbd_ring_open(self._h, mode, depth, threads, out))
+        return int(lib.nx_ring_open(self._dev, mode, depth, threads, out))
+
     def prepare(
         self, write: bool, lba: int, count: int, data: Buffer | Sequence[Buffer] | None
     ) -> tuple[Any, int, Pending, int]:
@@ -349,16 +358,19 @@ class Device:
 
     def _check(self, rc: int, what: str, lba: int, count: int) -> None:
         if rc < 0:
-            if rc == -errno.EBADF and self._dev.closing:
-                # Lost a race with Valve.close: to the caller that is a revoked capability.
-                raise CapabilityError(f"{what}: valve is closed", self.path)
-            where = f"{what} of {count} sectors at lba {lba}"
-            reason = nbd.failure_reason(self._h) if self.is_nbd else ""
-            if reason:
-                # Say why the connection is gone (timeout, server closed it), not just EIO.
-                raise DeviceError(-rc, f"{where} failed: {os.strerror(-rc)} ({reason})",
-                                  self.path)
-            raise io_error(rc, self.path, where)
+            raise self.error(rc, what, lba, count)
+
+    def error(self, rc: int, what: str, lba: int, count: int) -> OSError:
+        """The exception for ``rc`` (-errno) of a transfer, blocking or on a ring."""
+        if rc == -errno.EBADF and self._dev.closing:
+            # Lost a race with Valve.close: to the caller that is a revoked capability.
+            return CapabilityError(f"{what}: valve is closed", self.path)
+        where = f"{what} of {count} sectors at lba {lba}"
+        reason = nbd.failure_reason(self._h) if self.is_nbd else ""
+        if reason:
+            # Say why the connection is gone (timeout, server closed it), not just EIO.
+            return DeviceError(-rc, f"{where} failed: {os.strerror(-rc)} ({reason})", self.path)
+        return io_error(rc, self.path, where)
 
 
 def _aligned_alloc(align: int, nbytes: int) -> Any:

@@ -14,7 +14,11 @@ Engines (``Ring.engine``): ``"io_uring"`` (the kernel runs the O_DIRECT transfer
 posts the completion; the submitting thread never blocks and nothing hops threads) and
 ``"pool"`` (a few C threads blocking in ``preadv``/``pwritev``, signalling the eventfd),
 used where io_uring is unavailable.  docs/VALVE.md has the measurements behind the
-default.
+default.  On an NBD export: ``"callbacks"`` (what ``"any"`` picks: the submitting thread
+issues the NBD commands, libnbd's completion callbacks and a driver thread report them) or
+``"pool"`` (C workers each moving one request with the export's vectored transfer); each
+request has the export's deadline, a timeout or a lost connection completes every request
+with EIO; ``"io_uring"`` is refused there, ``"callbacks"`` for a file.
 
 Contract:
 
@@ -37,8 +41,10 @@ from native import lib
 
 __all__ = ["ENGINES", "ENGINE_NAMES", "Completion", "Pending"]
 
-ENGINES: Final = {"any": lib.NX_RING_ANY, "io_uring": lib.NX_RING_URING, "pool": lib.NX_RING_POOL}
-ENGINE_NAMES: Final = {lib.NX_RING_URING: "io_uring", lib.NX_RING_POOL: "pool"}
+ENGINES: Final = {"any": lib.NX_RING_ANY, "io_uring": lib.NX_RING_URING, "pool": lib.NX_RING_POOL,
+                  "callbacks": lib.NX_RING_CALLBACKS}
+ENGINE_NAMES: Final = {lib.NX_RING_URING: "io_uring", lib.NX_RING_POOL: "pool",
+                       lib.NX_RING_CALLBACKS: "callbacks"}
 
 
 class Completion(NamedTuple):

@@ -228,16 +228,23 @@ class Valve:
         """A completion channel for asynchronous transfers (``valve.ring``).
 
         ``engine`` is ``"io_uring"``, ``"pool"`` (``threads`` C threads) or ``"any"``
-        (io_uring where the kernel allows it).  Requests are made with
+        (io_uring where the kernel allows it).  On an NBD export: ``"callbacks"`` (what
+        ``"any"`` picks: libnbd's asynchronous commands) or ``"pool"``; ``"io_uring"`` is
+        refused there and ``"callbacks"`` for a file (``EOPNOTSUPP``).  Requests are made with
         ``cap.block_read(..., ring=r)`` / ``cap.block_write(..., ring=r)``, checked
         when made.  Closed with the valve at the latest.
         """
         if self._closed:
             self._deny("valve is closed")
-        if self._device.is_nbd:
-            # The ring's engines move O_DIRECT transfers on a local descriptor; an NBD
-            # export's transfers are libnbd's (native/nbd_backend.c).
-            raise DeviceError(errno.EOPNOTSUPP, "no ring over an NBD export", self._device.path)
+        if not self._device.is_nbd and engine == "callbacks":
+            raise DeviceError(errno.EOPNOTSUPP, "the callbacks engine is an NBD export's; "
+                              "a file's ring is 'io_uring' or 'pool'", self._device.path)
+        if self._device.is_nbd and engine == "io_uring":
+            # io_uring moves bytes on a local descriptor; an export's transfers are
+            # libnbd's, which only the pool's threads can drive (native/nbd_backend.c).
+            raise DeviceError(errno.EOPNOTSUPP, "no io_uring ring over an NBD export "
+                              "(engine 'pool' or 'any' keeps requests on the wire)",
+                              self._device.path)
         ring = Ring(_MINT, self, self._device, depth, engine, threads)
         with self._lock:
             if self._closed:
@@ -410,7 +417,7 @@ class Ring:
         self._device = device
         self.depth = depth
         out = ffi.new("struct nx_ring **")
-        rc = lib.nx_ring_open(device.core, ENGINES[engine], depth, threads, out)
+        rc = device.open_ring(ENGINES[engine], depth, threads, out)
         if rc < 0:
             raise io_error(rc, device.path, f"open a {engine} ring of depth {depth}")
         self._ring: object | None = out[0]
@@ -490,10 +497,7 @@ class Ring:
         return done
 
     def _error(self, rc: int, what: str, p: Pending) -> OSError:
-        if rc == -errno.EBADF and self._device.core.closing:
-            # Lost a race with Valve.close: to the caller that is a revoked capability.
-            return CapabilityError(f"{what}: valve is closed", self._device.path)
-        return io_error(rc, self._device.path, f"{what} of {p.count} sectors at lba {p.lba}")
+        return self._device.error(rc, what, p.lba, p.count)
 
     def close(self) -> None:
         """Wait for every request in flight (results discarded), then free the ring."""

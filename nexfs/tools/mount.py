@@ -475,9 +475,9 @@ def open_volume(config: MountConfig, seams: Seams = NO_SEAMS) -> tuple[Any, Any,
                     mmp.release()
             raise
         if isinstance(valve, Valve) and isinstance(cap, Capability):
-            # Data reads in flight on a valve ring (nexfs/store/inflight.py); a device that
-            # is not the valve's (test seams, wrappers) or has no ring (an NBD export) keeps
-            # the blocking reads.
+            # Data reads in flight on a valve ring (nexfs/store/inflight.py), on an image as
+            # on an NBD export; a device that is not the valve's (test seams, wrappers) or
+            # whose ring cannot open keeps the blocking reads.
             from nexfs.store.inflight import DEPTH
 
             try:
