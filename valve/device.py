@@ -294,9 +294,9 @@ class Device:
 
     def open_ring(self, mode: int, depth: int, threads: int, out: Any) -> int:
         """``nx_ring_open`` for this backend (0 or -errno; ``out[0]`` the ring).  An export's
-        ring is the pool whose workers move each request with the NBD backend's vectored
-        transfer, its deadline included (``nx_nbd_ring_open``); io_uring is refused before
-        this (``Valve.ring``)."""
+        ring is ``nx_nbd_ring_open``'s: libnbd's asynchronous commands (``callbacks``) or the
+        pool whose workers move each request with the NBD backend's vectored transfer, each
+        with its deadline; io_uring is refused before this (``Valve.ring``)."""
         if self.is_nbd:
             return int(lib.nx_nbd_ring_open(self._h, mode, depth, threads, out))
         return int(lib.nx_ring_open(self._dev, mode, depth, threads, out))

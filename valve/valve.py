@@ -241,7 +241,7 @@ class Valve:
                               "a file's ring is 'io_uring' or 'pool'", self._device.path)
         if self._device.is_nbd and engine == "io_uring":
             # io_uring moves bytes on a local descriptor; an export's transfers are
-            # libnbd's, which only the pool's threads can drive (native/nbd_backend.c).
+            # libnbd's, driven by the callbacks engine or the pool (native/nbd_backend.c).
             raise DeviceError(errno.EOPNOTSUPP, "no io_uring ring over an NBD export "
                               "(engine 'pool' or 'any' keeps requests on the wire)",
                               self._device.path)
