@@ -12,8 +12,10 @@ round and for each contender, with ``sync; echo 3 > drop_caches`` before every s
 -xf`` of bench/fsbench's tree (10,000 files in 1,111 directories), a ``find`` printing size,
 mode and mtime of every entry, ``rm -rf`` of the tree, and ``--creates`` empty files created
 in one directory (open(O_CREAT|O_EXCL) + close).  For NexFS the request counts of each step
-come from ``nexfs stats``.  Prints every sample, then the medians and the ratios (new/old,
-new/fuse2fs, old/fuse2fs); ``--json`` writes everything.  A benchmark, not a test: exits 0
+come from ``nexfs stats``, and for every daemon the CPU time it used in each step (user +
+system, from /proc: on a shared machine steadier than the elapsed time).  Prints every
+sample, then the medians and the ratios (new/old, new/fuse2fs, old/fuse2fs); ``--json``
+writes everything.  A benchmark, not a test: exits 0
 whatever the figures.
 
     python bench/meta_ab.py --old /tmp/old-tree --new . --runs 3 --floor
@@ -59,7 +61,7 @@ def _wait_mounted(mnt: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @contextlib.contextmanager
-def nexfs(tree: Path, work: Path) -> Iterator[Path]:
+def nexfs(tree: Path, work: Path) -> Iterator[tuple[Path, int | None]]:
     img, mnt, log = work / "nexfs.img", work / "mnt", work / "mount.log"
     img.unlink(missing_ok=True)
     with open(img, "wb") as f:
@@ -74,7 +76,7 @@ def nexfs(tree: Path, work: Path) -> Iterator[Path]:
                                 cwd=tree)
     try:
         _wait_mounted(mnt, proc, log)
-        yield mnt
+        yield mnt, proc.pid
     finally:
         fuse_unmount(mnt, proc.pid)
         proc.wait(timeout=120)
@@ -82,7 +84,7 @@ def nexfs(tree: Path, work: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def fuse2fs(work: Path) -> Iterator[Path]:
+def fuse2fs(work: Path) -> Iterator[tuple[Path, int | None]]:
     img, mnt = work / "ext4.img", work / "mnt"
     with open(img, "wb") as f:
         f.truncate(4 << 30)
@@ -90,7 +92,7 @@ def fuse2fs(work: Path) -> Iterator[Path]:
     subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
     subprocess.run(["fuse2fs", str(img), str(mnt)], check=True)
     try:
-        yield mnt
+        yield mnt, find_daemon(img, "fuse2fs")
     finally:
         # fuse2fs writes back and exits after the unmount: wait for its daemon.
         fuse_unmount(mnt, find_daemon(img, "fuse2fs"))
@@ -98,7 +100,7 @@ def fuse2fs(work: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def floor(work: Path) -> Iterator[Path]:
+def floor(work: Path) -> Iterator[tuple[Path, int | None]]:
     mnt, log = work / "mnt", work / "floor.log"
     mnt.mkdir(exist_ok=True)
     with open(log, "wb") as logf:
@@ -106,7 +108,7 @@ def floor(work: Path) -> Iterator[Path]:
                                 stdout=logf, stderr=subprocess.STDOUT)
     try:
         _wait_mounted(mnt, proc, log)
-        yield mnt
+        yield mnt, proc.pid
     finally:
         fuse_unmount(mnt, proc.pid)
         if proc.poll() is None:
@@ -137,9 +139,19 @@ def _creates(directory: Path, count: int) -> float:
     return time.perf_counter() - start
 
 
-def one_round(mnt: Path, tarball: Path, creates: int, tree: Path | None
-              ) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
+def _cpu(pid: int | None) -> float:
+    """CPU seconds (user + system, all threads) the daemon ``pid`` has used so far."""
+    if pid is None:
+        return float("nan")
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_round(mnt: Path, pid: int | None, tarball: Path, creates: int, tree: Path | None
+              ) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, int]]]:
     times: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     counts: dict[str, dict[str, int]] = {}
     commands = {
         "tar": ["tar", "-xf", str(tarball), "-C", str(mnt)],
@@ -149,6 +161,7 @@ def one_round(mnt: Path, tarball: Path, creates: int, tree: Path | None
     for step in STEPS:
         drop_caches()
         before = _ops(mnt, tree) if tree is not None else {}
+        cpu_before = _cpu(pid)
         if step == "create":
             times[step] = _creates(mnt / "many", creates)
         else:
@@ -156,11 +169,12 @@ def one_round(mnt: Path, tarball: Path, creates: int, tree: Path | None
                 start = time.perf_counter()
                 subprocess.run(commands[step], check=True, stdout=devnull)
                 times[step] = time.perf_counter() - start
+        cpu[step] = _cpu(pid) - cpu_before
         if tree is not None:
             after = _ops(mnt, tree)
             counts[step] = {k: v - before.get(k, 0) for k, v in after.items()
                             if v - before.get(k, 0)}
-    return times, counts
+    return times, cpu, counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         ["floor"] if args.floor else [])
     trees = {"old": args.old.resolve(), "new": args.new.resolve()}
     samples: dict[str, dict[str, list[float]]] = {c: {s: [] for s in STEPS} for c in contenders}
+    cpu_samples: dict[str, dict[str, list[float]]] = {c: {s: [] for s in STEPS}
+                                                      for c in contenders}
     requests: dict[str, list[dict[str, dict[str, int]]]] = {"old": [], "new": []}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="meta-ab-") as tmp:
         work = Path(tmp)
@@ -194,23 +210,31 @@ def main(argv: list[str] | None = None) -> int:
             order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
             for who in order:
                 if who in trees:
-                    ctx: contextlib.AbstractContextManager[Path] = nexfs(trees[who], work)
+                    ctx: contextlib.AbstractContextManager[tuple[Path, int | None]] = nexfs(
+                        trees[who], work)
                 elif who == "fuse2fs":
                     ctx = fuse2fs(work)
                 else:
                     ctx = floor(work)
-                with ctx as mnt:
-                    times, counts = one_round(mnt, tarball, args.creates, trees.get(who))
+                with ctx as (mnt, pid):
+                    times, cpu, counts = one_round(mnt, pid, tarball, args.creates,
+                                                   trees.get(who))
                 for step, value in times.items():
                     samples[who][step].append(value)
+                    cpu_samples[who][step].append(cpu[step])
                 if who in trees:
                     requests[who].append(counts)
-                print(f"round {r + 1} {who:8}", "  ".join(f"{s} {times[s]:6.2f} s" for s in STEPS),
-                      flush=True)
+                print(f"round {r + 1} {who:8}",
+                      "  ".join(f"{s} {times[s]:6.2f} s (daemon cpu {cpu[s]:5.2f})"
+                                for s in STEPS), flush=True)
     med = {c: {s: statistics.median(v) for s, v in steps.items()} for c, steps in samples.items()}
-    print("\nmedians (s)      " + "".join(f"{s:>9}" for s in STEPS))
+    cpu_med = {c: {s: statistics.median(v) for s, v in steps.items()}
+               for c, steps in cpu_samples.items()}
+    print("\nmedians (s)      " + "".join(f"{s:>9}" for s in STEPS)
+          + "   daemon cpu " + "".join(f"{s:>9}" for s in STEPS))
     for c in contenders:
-        print(f"{c:16} " + "".join(f"{med[c][s]:9.2f}" for s in STEPS))
+        print(f"{c:16} " + "".join(f"{med[c][s]:9.2f}" for s in STEPS) + " " * 13
+              + "".join(f"{cpu_med[c][s]:9.2f}" for s in STEPS))
     pairs = [("new", "old")] + ([("new", "fuse2fs"), ("old", "fuse2fs")]
                                 if "fuse2fs" in contenders else [])
     pairs += [("floor", "fuse2fs")] if "floor" in contenders and "fuse2fs" in contenders else []
@@ -223,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s} {sum(last[s].values())}" for s in STEPS if s in last))
     if args.json:
         doc: dict[str, Any] = {"samples": samples, "medians": med, "requests": requests,
+                               "daemon_cpu": cpu_samples, "daemon_cpu_medians": cpu_med,
                                "runs": args.runs, "files": args.files, "creates": args.creates}
         args.json.write_text(json.dumps(doc, indent=1))
     return 0
