@@ -471,6 +471,15 @@ class Bitmap:
         group would skip, so the choices are the same)."""
         goal = min(max(goal, self.first_item), self.nitems - 1)
         g0, off0 = divmod(goal, BPB)
+        if off0 + want <= BPB and goal + want <= self.nitems:
+            # The common case: the goal continues the previous allocation (the hints) and
+            # is free, so the first fit is the goal itself.  Two masked tests instead of
+            # building the group's free mask and scanning it (~8 us a search).
+            entry = self.summary_entry(g0)
+            bits = self.tail_mask(g0) if entry & UNINIT else self.group_bits(g0)
+            mask = range_mask(off0, want)
+            if not bits & mask and not self._pending_mask(g0) & mask:
+                return goal, want
         index = self._allocatable_index()
         fallback: tuple[int, int] | None = None
         examined = 0
