@@ -176,3 +176,38 @@ def _fail_after_a_change(fs: FileSystem) -> None:
     with pytest.raises(FsError):
         fsmod._mutating(broken)(fs)  # (the wrapper under test)
     assert fs.error is not None and fs.read_only
+
+
+@pytest.mark.parametrize("atime", ["relatime", "strictatime"])
+@pytest.mark.parametrize("entry", ["open", "read", "readdir"])
+def test_atime_updates_of_many_inodes_stay_within_the_journal(tmp_path: Path, entry: str,
+                                                              atime: str) -> None:
+    """Reads change inodes too (the atime, nexfs/core/fs.py ``_note_access``), outside any
+    mutating operation.  Reading more inodes than one transaction can hold table blocks for
+    (16 per block), within one commit interval, must commit on the way: the first version
+    wrote them all into the running transaction, which then exceeded the journal and put the
+    volume in its error state (read-only) after 4,063 opens of freshly written files on a
+    64 MiB volume."""
+    image = make_image(tmp_path / "vol.img", 64 << 20)
+    with mounted(image, atime=atime) as fs:
+        store = fs.store
+        n = min(store.geo.ninodes - 8, 16 * store.max_txn_blocks + 64)
+        assert n > 16 * store.max_txn_blocks, "the volume has too few inodes to test this"
+        if entry == "readdir":
+            inos = [fs.mkdir(ROOT_INO, f"d{i}".encode(), 0o755, ROOT).ino for i in range(n)]
+        else:
+            inos = [fs.create(ROOT_INO, f"f{i}".encode(), 0o644, ROOT).ino for i in range(n)]
+            for ino in inos:
+                fs.write(ino, 0, b"x", ROOT)
+        fs.commit()
+        for ino in inos:
+            if entry == "open":
+                fs.note_read_open(ino)
+            elif entry == "read":
+                assert fs.read(ino, 0, 1) == b"x"
+            else:
+                list(fs.readdir(ino, 0))
+            assert fs.error is None, fs.error
+            assert store.txn_blocks <= store.max_txn_blocks // 2
+    code, out = fsck_clean(image)
+    assert code == 0, out

@@ -955,7 +955,12 @@ class FileSystem:
         inode.atime_ns = _now()
         self.objects.dirty(inode)
         if self.inodes.dirty_count() >= self._dirty_limit:
-            self.inodes.flush()  # (else at the next commit, as for every operation)
+            # As after every mutating operation (_mutating): reads of many files would
+            # otherwise fill the running transaction with table blocks past the journal's
+            # limit (the error state; tests/test_inode_writeback.py).
+            self.inodes.flush()
+            if self.store.should_commit():
+                self.store.commit(durable=False)
         return True
 
     @_mutating
