@@ -163,6 +163,7 @@ def test_freed_inode_slot_is_zeroed(tmp_path: Path) -> None:
         orphan = fs.create(ROOT_INO, b"open", 0o644, ROOT).ino
         fs.ref(orphan)
         fs.unlink(ROOT_INO, b"open", ROOT)
+        fs.commit(durable=False)  # inodes are written back at commit (inode_cache.py)
         assert fs.store.itable.read_raw(InodeNo(orphan)) != bytes(INODE_SIZE)
         fs.unref(orphan)
         assert fs.store.itable.read_raw(InodeNo(orphan)) == bytes(INODE_SIZE)

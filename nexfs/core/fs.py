@@ -52,6 +52,9 @@ FMODE_EXEC = 0o40
 """The kernel's ``__FMODE_EXEC``: set in the open flags FUSE passes on when execve opens a
 program.  Such an open is checked as execute, not read: a 0711 program runs for anybody."""
 _DAY_NS = 86400 * 1_000_000_000
+DIRTY_INODES_MAX = 1024
+"""Inodes changed since the last write-back after which an operation writes them into the
+running transaction (fewer on a small journal: a sixteenth of it)."""
 
 T = TypeVar("T")
 
@@ -77,24 +80,28 @@ def _now() -> int:
 
 def _mutating(fn: Callable[..., T]) -> Callable[..., T]:
     """Wrap an operation that changes the volume: refuse on a read-only volume, give it its
-    one reservation scope (nexfs/store/store.py, ``operation``), write the touched inodes back
-    afterwards, and turn an error in the middle into read-only mode."""
+    one reservation scope (nexfs/store/store.py, ``operation``), and turn an error in the
+    middle into read-only mode.  The inodes it touched are written back at the next commit
+    (nexfs/core/inode_cache.py), or sooner when many are waiting."""
 
     @functools.wraps(fn)
     def wrapper(self: FileSystem, *args: Any, **kwargs: Any) -> T:
         if self.read_only:
             raise FsError(errno.EROFS)
         mark = self.store.change_count()
+        inodes_mark = self.inodes.changes
         try:
             # One reservation per operation: taken by its reserve() call before anything
             # changes; every allocation inside, at any layer, draws from it.
             with self.store.operation():
                 result = fn(self, *args, **kwargs)
-                self.inodes.flush()
         except BaseException as exc:
             self.failures.failed(exc, changed=self.store.change_count() != mark
-                                       or self.inodes.has_dirty(), where=fn.__name__)
+                                       or self.inodes.changes != inodes_mark,
+                                 where=fn.__name__)
             raise
+        if self.inodes.dirty_count() >= self._dirty_limit:
+            self.inodes.flush()  # into the running transaction, which should_commit sees
         if self.store.should_commit():
             self.store.commit(durable=False)  # a guarded store method: the policy decides
         return result
@@ -136,6 +143,10 @@ class FileSystem:
         # names are refused and stored ones are neither listed nor enforced (as ext4 noacl).
         self.acl = acl
         self.inodes = InodeCache(store)
+        # Dirty inodes are written back at commit, or when this many wait: at most one
+        # table block each, so a commit adds at most this many blocks to a running
+        # transaction that should_commit keeps at a quarter of the journal.
+        self._dirty_limit = max(16, min(DIRTY_INODES_MAX, store.geo.journal_len // 16))
         self.objects = Objects(store, self.inodes)  # the handles repair and fsck use too
         self._refs: dict[int, int] = {}
         self._error_at_open = store.error  # a volume opened read-only because marked ERROR
@@ -943,7 +954,13 @@ class FileSystem:
             return False
         inode.atime_ns = _now()
         self.objects.dirty(inode)
-        self.inodes.flush()
+        if self.inodes.dirty_count() >= self._dirty_limit:
+            # As after every mutating operation (_mutating): reads of many files would
+            # otherwise fill the running transaction with table blocks past the journal's
+            # limit (the error state; tests/test_inode_writeback.py).
+            self.inodes.flush()
+            if self.store.should_commit():
+                self.store.commit(durable=False)
         return True
 
     @_mutating

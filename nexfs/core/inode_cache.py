@@ -1,5 +1,14 @@
 """The inode cache: decoded inodes by number, written back to the inode table once per
-operation, and the per-inode view of the store that keeps ``inode.blocks`` exact.
+commit, and the per-inode view of the store that keeps ``inode.blocks`` exact.
+
+Write-back: a changed inode stays dirty here and is encoded into its table slot by the
+store's ``before_commit`` hook, at the start of every commit, whoever commits (the timer,
+fsync, a full transaction, the store itself before an ENOSPC).  A small file extracted by
+``tar`` changes its inode five times (create, write, three SETATTRs) and its directory's
+once per entry; encoding and sealing a record cost ~8 us, a fifth of a SETATTR
+(docs/BENCHMARKS.md, "Requests per file").  The dirty set is bounded by the caller
+(``FileSystem`` commits when :meth:`dirty_count` reaches its limit), which also bounds the
+table blocks a commit adds to the running transaction.
 
 Memory is bounded: inodes that are referenced (open, or known to the kernel) or dirty stay;
 the rest live in an LRU of ``limit`` entries.
@@ -35,6 +44,10 @@ class InodeCache:
         self.limit = limit
         self._lru: OrderedDict[int, Inode] = OrderedDict()
         self._dirty: dict[int, Inode] = {}
+        self.changes = 0
+        """Grows with every :meth:`add` and :meth:`dirty`: an operation that failed without
+        changing it changed no inode (the failure policy's "changed" question)."""
+        store.before_commit.append(self.flush)
         # The object layer's data handle of each cached inode (nexfs/core/objects.py, data):
         # dropped with the inode, so a handle never outlives the decoded inode it is over.
         self.data_handles: dict[int, FileData] = {}
@@ -67,12 +80,18 @@ class InodeCache:
         """A newly allocated inode; dirty."""
         self._insert(inode)
         self._dirty[inode.ino] = inode
+        self.changes += 1
 
     def dirty(self, inode: Inode) -> None:
         self._dirty[inode.ino] = inode
+        self.changes += 1
 
     def has_dirty(self) -> bool:
         return bool(self._dirty)
+
+    def dirty_count(self) -> int:
+        """Inodes changed since the last write-back."""
+        return len(self._dirty)
 
     def forget(self, ino: int) -> None:
         """The inode was freed: drop it without writing it back."""
@@ -110,7 +129,7 @@ class InodeCache:
         while len(self._lru) > self.limit:
             ino, old = next(iter(self._lru.items()))
             if ino in self._dirty:
-                # Dirty inodes are written at the end of the operation; never evict them before.
+                # Dirty inodes are written back at the next commit; never evict them before.
                 self._lru.move_to_end(ino)
                 if all(i in self._dirty for i in self._lru):
                     break

@@ -177,6 +177,10 @@ class Store:
         self.data = DataPath(grants.data, self.geo, self.failures, self.check_writable,
                              data_cache_blocks)
         self._changes = 0
+        # Called at the start of every commit, to write changes kept outside the store (the
+        # core's dirty inodes, encoded once per commit instead of once per operation) into
+        # the running transaction: whatever commits, they are in it.
+        self.before_commit: list[Callable[[], None]] = []
         # The running operation's reservation (see reserve()); _op_depth counts nested
         # operation() scopes.
         self._op: Reservation | None = None
@@ -555,6 +559,8 @@ class Store:
         when one is needed (fsync after data-only writes).
         """
         self.check_writable()
+        for write_back in self.before_commit:
+            write_back()
         self.data.drain()  # ordered data: before the metadata that points at it
         if not self._running:
             if durable and self.needs_barrier:
