@@ -127,6 +127,15 @@ class DataPath:
         self.reads = DeviceReads(self._grant, ring)
         return self.reads
 
+    def attach_flush_ring(self, ring: Any) -> bool:
+        """Flush the data cache through the valve ring ``ring`` (its own) from now on,
+        writes in flight together (nexfs/store/datacache.py); False (and nothing changes)
+        when the grant is not a valve capability."""
+        if not self._grant.takes_ring():
+            return False
+        self._cache.attach_ring(ring)
+        return True
+
     def plan_read(self, blkno: BlockNo, count: int,
                   into: memoryview) -> list[tuple[int, int, memoryview]]:
         """The synchronous half of a read in flight: the checks, the write-behind wait, the
