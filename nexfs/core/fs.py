@@ -188,6 +188,7 @@ class FileSystem:
                     self._refs.pop(ino, None)
                     self._maybe_free(ino)
                 self.inodes.flush()
+                self.inodes.flush_touched()  # the store's last commit comes after clear()
             except FsError as exc:
                 log.error("while closing: %s", exc)
         self.inodes.clear()
@@ -949,13 +950,20 @@ class FileSystem:
     @_mutating
     def write(self, ino: int, offset: int, data: bytes | memoryview, ctx: Ctx) -> int:
         inode = self._regular_file(ino)
+        size = inode.size
         written = self.objects.data(inode).write(offset, data)
         if written:
             now = _now()
             inode.mtime_ns = inode.ctime_ns = now
             if ctx.uid != 0 and inode.mode & (stat.S_ISUID | stat.S_ISGID):
                 inode.mode = perms.killpriv(inode.mode)
-            self.objects.dirty(inode)
+                self.objects.dirty(inode)
+            elif inode.size == size:
+                # Only the times changed (an overwrite; new blocks dirtied it already):
+                # the record is written just before the next commit (nexfs/core/inode_cache.py).
+                self.inodes.touch(inode)
+            else:
+                self.objects.dirty(inode)
         return written
 
     @_reading
@@ -1047,6 +1055,12 @@ class FileSystem:
             perms.check(inode, perms.W_OK, ctx, self._access_acl(inode))
         elif not perms.is_owner(inode, ctx) and name.startswith(b"security."):
             raise FsError(errno.EPERM)
+
+    @_reading
+    def has_xattrs(self, ino: int) -> bool:
+        """Whether ``ino`` has any extended attribute (ACLs included): one look at the
+        inode, for the kernel's ``security.capability`` question before every write."""
+        return self.inodes.get(ino).xattr_root != 0
 
     @_reading
     def getxattr(self, ino: int, name: bytes, ctx: Ctx | None = None) -> bytes:

@@ -196,6 +196,7 @@ class Store:
                              summary_start=g.isummary_start, nitems=g.ninodes + 1, first_item=1)
         self._state: StateBlock | None = None
         self.itable = InodeTable(self)
+        self._before_commit: list[Callable[[], None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -545,6 +546,11 @@ class Store:
 
     # -- transactions ------------------------------------------------------------------------
 
+    def before_commit(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` at the start of every commit, before anything is written: it may
+        still join blocks to the running transaction (nexfs/core/inode_cache.py)."""
+        self._before_commit.append(hook)
+
     @_guarded
     def commit(self, durable: bool = True) -> int:
         """Write the running transaction to the journal; returns the last committed tid.
@@ -555,6 +561,8 @@ class Store:
         when one is needed (fsync after data-only writes).
         """
         self.check_writable()
+        for hook in self._before_commit:
+            hook()  # changes deferred to the commit join it (the inode cache's touched times)
         self.data.drain()  # ordered data: before the metadata that points at it
         if not self._running:
             if durable and self.needs_barrier:
