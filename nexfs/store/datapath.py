@@ -152,6 +152,11 @@ class DataPath:
         return [(blkno + i, j - i, into[i * BLOCK_SIZE : j * BLOCK_SIZE])
                 for i, j in self._cache.read_cached(blkno, count, into)]
 
+    def caches(self, count: int) -> bool:
+        """Whether a write of ``count`` blocks goes into the data cache (then ``data`` may
+        be any buffer: the cache copies it; larger writes want a :meth:`buffer`)."""
+        return self._cache.takes(count)
+
     @boundary
     def write(self, blkno: BlockNo, count: int, data: Any | Sequence[Any]) -> None:
         """Write file data (one buffer or a list: vectored): small writes into the data
