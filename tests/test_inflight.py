@@ -6,8 +6,9 @@ valve and its ring: it keeps several reads in flight (started with ``FileSystem.
 and completed only later) while it writes small and large ranges, truncates, unlinks and
 recreates files, fsyncs, commits and checkpoints.  A monitor on every device write of the
 store (``BlockDev.write_blocks``: data-cache flushes, large writes, the write-behind thread,
-checkpoints' home writes) fails the run when the write touches a block a read in flight is
-reading; and every read must return the file as it was when the read was started.  A
+checkpoints' home writes; ``BlockDev.write_async``: flushes on their ring, in half the
+runs) fails the run when the write touches a block a read in flight is reading; and every
+read must return the file as it was when the read was started.  A
 second test removes the waits and checks that the monitor then does catch it.  fsck after
 each run must be clean.
 """
@@ -27,6 +28,7 @@ from fsutil import ROOT, fsck_clean, make_image
 from nexfs.core.attr import SetAttr
 from nexfs.core.fs import ROOT_INO, FileSystem
 from nexfs.store.blockdev import BlockDev
+from nexfs.store.datacache import FLUSH_DEPTH
 from nexfs.store.inflight import DEPTH, DeviceReads, ReadGroup
 from valve import Rights, Valve
 
@@ -73,6 +75,13 @@ def monitor(monkeypatch: pytest.MonkeyPatch) -> Iterator[Monitor]:
         real(self, blkno, count, data, durable=durable)
 
     monkeypatch.setattr(BlockDev, "write_blocks", write_blocks)
+    real_async = BlockDev.write_async
+
+    def write_async(self: BlockDev, blkno: int, count: int, data: Any, ring: Any) -> int:
+        m.check(blkno, count)  # the data cache's flush through its ring
+        return real_async(self, blkno, count, data, ring)
+
+    monkeypatch.setattr(BlockDev, "write_async", write_async)
     yield m
 
 
@@ -84,6 +93,8 @@ def explore(img: Path, seed: int, monitor: Monitor) -> dict[str, int]:
                              data_cache_blocks=rnd.choice((0, 8, 64)))
         reads = fs.store.data.attach_ring(v.ring(DEPTH))
         assert reads is not None
+        if rnd.random() < 0.5:  # as a mount does: flushes on a ring of their own
+            assert fs.store.data.attach_flush_ring(v.ring(FLUSH_DEPTH))
         monitor.reads = reads
         files: dict[str, tuple[int, bytearray]] = {}
         serial = 0

@@ -110,6 +110,17 @@ class FileData:
             return 0
         if offset < 0:
             raise FsError(errno.EINVAL)
+        if (not offset % BLOCK_SIZE and not length % BLOCK_SIZE
+                and offset + length <= self.inode.size
+                and self.store.data.caches(length // BLOCK_SIZE)):
+            # The hot case (a 4 KiB overwrite of written blocks): no partial block to read
+            # around, no hole, no size change, so the data goes to the data cache as it
+            # came, without the copy into a scratch buffer.
+            count = length // BLOCK_SIZE
+            runs = self.emap.map(offset // BLOCK_SIZE, count)
+            if len(runs) == 1 and runs[0][1]:
+                self.store.data.write(BlockNo(runs[0][1]), count, data)
+                return length
         if offset > self.inode.size and self.inode.size % BLOCK_SIZE and (
             offset // BLOCK_SIZE != self.inode.size // BLOCK_SIZE
         ):

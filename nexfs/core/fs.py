@@ -972,6 +972,8 @@ class FileSystem:
             inode.mtime_ns = inode.ctime_ns = now
             if ctx.uid != 0 and inode.mode & (stat.S_ISUID | stat.S_ISGID):
                 inode.mode = perms.killpriv(inode.mode)
+            # Marked only: the record is encoded once, just before the next commit
+            # (nexfs/core/inode_cache.py), however many writes change its times meanwhile.
             self.objects.dirty(inode)
         return written
 
@@ -1064,6 +1066,12 @@ class FileSystem:
             perms.check(inode, perms.W_OK, ctx, self._access_acl(inode))
         elif not perms.is_owner(inode, ctx) and name.startswith(b"security."):
             raise FsError(errno.EPERM)
+
+    @_reading
+    def has_xattrs(self, ino: int) -> bool:
+        """Whether ``ino`` has any extended attribute (ACLs included): one look at the
+        inode, for the kernel's ``security.capability`` question before every write."""
+        return self.inodes.get(ino).xattr_root != 0
 
     @_reading
     def getxattr(self, ino: int, name: bytes, ctx: Ctx | None = None) -> bytes:

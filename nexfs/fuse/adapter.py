@@ -612,6 +612,10 @@ class FuseAdapter(pyfuse3.Operations):
         # SB_NOSEC).  The core answers ENODATA from the inode alone when it has no xattrs, so
         # this path must stay free of extra work: no supplementary groups, no logging.  (The
         # VFS itself keeps non-root callers away from trusted.* names.)
+        if name == CAPABILITY_XATTR and not self.fs.has_xattrs(inode):
+            # The common case, answered without raising through the core: one exception
+            # instead of three, and no trip through the failure policy (about 1 us).
+            raise pyfuse3.FUSEError(errno.ENODATA)
         if inode == pyfuse3.ROOT_INODE and name == STATS_XATTR:
             return self.stats_document()
         return self.fs.getxattr(inode, name, Ctx(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid))

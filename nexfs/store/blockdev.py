@@ -178,6 +178,21 @@ class BlockDev:
         lba = self._lba(blkno, count)
         return cast(Capability, self._dev).block_read(lba, count * self.spb, into, ring=ring)
 
+    def write_async(self, blkno: int, count: int, data: Any, ring: Any) -> int:
+        """Start writing ``count`` blocks from the aligned buffer ``data`` on the valve ring
+        ``ring``; returns the request's tag (the data cache's flush: nexfs/store/datacache.py).
+        Checked now, by the valve, like :meth:`write_blocks` (routed the same way)."""
+        lba = self._lba(blkno, count)
+        if memoryview(data).nbytes != count * BLOCK_SIZE:
+            raise FsError(errno.EINVAL, f"write of {count} blocks at {blkno}: wrong size")
+        dev = self._wdev
+        if not self._wlo <= blkno <= self._whi - count:
+            for lo, hi, cap in self._more:
+                if lo <= blkno <= hi - count:
+                    dev = cap
+                    break
+        return cast(Capability, dev).block_write(lba, count * self.spb, data, ring=ring)
+
     def write_blocks(self, blkno: int, count: int, data: Any | Sequence[Any], *,
                      durable: bool = False) -> None:
         """Write ``count`` blocks from one buffer or a list of buffers (vectored)."""

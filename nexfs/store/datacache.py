@@ -15,6 +15,14 @@ writes went straight through.  Freed blocks are dropped (:meth:`DataCache.discar
 they can be reused.  Memory is bounded: ``capacity`` blocks in all, at most ``dirty_limit``
 of them dirty (more triggers a flush).  What the cache holds at a crash was never promised
 durable (fsync commits, and commit flushes).
+
+A flush on a volume served through the valve writes its runs on a ring of their own
+(:meth:`DataCache.attach_ring`, io_uring), up to :data:`FLUSH_DEPTH` at once, instead of one
+after the other: the dirty blocks of random 4 KiB writes are scattered, so a flush is
+thousands of single-block writes, and the device does about three times as many of them
+when they overlap (docs/BENCHMARKS.md, "The write side").  The flush still returns only when
+every write it started is done, so nothing above it changes: ordered data, the barrier
+after, the error of the first failed write.
 """
 
 from __future__ import annotations
@@ -27,6 +35,12 @@ from nexfs.store.blockdev import RUN_MAX, copy_filler, write_runs
 
 if TYPE_CHECKING:
     from nexfs.store.blockdev import BlockDev
+
+FLUSH_DEPTH = 64
+"""Writes a flush keeps in flight at once (the depth of its ring)."""
+
+FLUSH_BLOCKS = 1024
+"""Blocks a flush packs into its aligned buffer per batch of ring writes (4 MiB)."""
 
 SMALL_MAX = 16
 """Requests of at most this many blocks (64 KiB) go through the cache."""
@@ -48,6 +62,8 @@ class DataCache:
         self._blocks: OrderedDict[int, bytearray] = OrderedDict()
         self._dirty: set[int] = set()
         self._flush_buf: memoryview | None = None
+        self._ring_buf: memoryview | None = None
+        self._ring: Any = None  # flush writes in flight (attach_ring); None: one at a time
         # Blocks read from memory, from the device through the cache, and past the cache
         # (large reads): ``nexfs stats``.
         self.hits = self.misses = self.bypassed = 0
@@ -152,12 +168,20 @@ class DataCache:
                 del blocks[b]
                 self._dirty.discard(b)
 
+    def attach_ring(self, ring: Any) -> None:
+        """Flush through the valve ring ``ring`` (its own: nobody else may reap it), with up
+        to ``ring.depth`` writes in flight."""
+        self._ring = ring
+
     def flush(self) -> None:
         """Write every dirty block, in block order, neighbours together (no barrier: the
         store makes them durable with its next barrier or commit)."""
         if not self._dirty:
             return
         order = sorted(self._dirty)
+        if self._ring is not None:
+            self._flush_ring(order)
+            return
         if self._flush_buf is None:
             self._flush_buf = self._bdev.alloc(RUN_MAX)
         done = 0
@@ -170,6 +194,50 @@ class DataCache:
 
         write_runs(self._bdev, [(b, copy_filler(self._blocks[b])) for b in order],
                    durable=False, progress=written, buf=self._flush_buf)
+
+    def _flush_ring(self, order: list[int]) -> None:
+        """:meth:`flush` with the writes in flight together: in batches of at most
+        ``ring.depth`` runs and FLUSH_BLOCKS blocks packed into one aligned buffer, each
+        batch reaped whole before the buffer is refilled.  A block is clean once its own
+        write completed; after a failure the failed runs stay dirty and the first error is
+        raised once everything started has completed (the buffer is never refilled under a
+        write, and no write is left behind)."""
+        ring = self._ring
+        if self._ring_buf is None:
+            self._ring_buf = self._bdev.alloc(FLUSH_BLOCKS)
+        buf = self._ring_buf
+        blocks = self._blocks
+        bdev = self._bdev
+        i, n = 0, len(order)
+        while i < n:
+            runs: list[tuple[int, int, int]] = []  # (tag, first index, end index)
+            error: OSError | None = None
+            try:
+                used = 0
+                while i < n and len(runs) < ring.depth and used < FLUSH_BLOCKS:
+                    limit = min(RUN_MAX, FLUSH_BLOCKS - used)
+                    j = i + 1
+                    while j < n and j - i < limit and order[j] == order[j - 1] + 1:
+                        j += 1
+                    out = buf[used * BLOCK_SIZE : (used + j - i) * BLOCK_SIZE]
+                    for k in range(i, j):
+                        out[(k - i) * BLOCK_SIZE : (k - i + 1) * BLOCK_SIZE] = blocks[order[k]]
+                    runs.append((bdev.write_async(order[i], j - i, out, ring), i, j))
+                    used += j - i
+                    i = j
+            finally:
+                done: dict[int, OSError | None] = {}
+                while len(done) < len(runs):
+                    for c in ring.reap(len(runs) - len(done)):
+                        done[c.tag] = c.error
+                for tag, a, b in runs:
+                    failed = done[tag]
+                    if failed is None:
+                        self._dirty.difference_update(order[a:b])
+                    elif error is None:
+                        error = failed
+            if error is not None:
+                raise error
 
     def clear(self) -> None:
         """Forget everything, dirty blocks included (the store entered its error state)."""

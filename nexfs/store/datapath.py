@@ -127,6 +127,15 @@ class DataPath:
         self.reads = DeviceReads(self._grant, ring)
         return self.reads
 
+    def attach_flush_ring(self, ring: Any) -> bool:
+        """Flush the data cache through the valve ring ``ring`` (its own) from now on,
+        writes in flight together (nexfs/store/datacache.py); False (and nothing changes)
+        when the grant is not a valve capability."""
+        if not self._grant.takes_ring():
+            return False
+        self._cache.attach_ring(ring)
+        return True
+
     def plan_read(self, blkno: BlockNo, count: int,
                   into: memoryview) -> list[tuple[int, int, memoryview]]:
         """The synchronous half of a read in flight: the checks, the write-behind wait, the
@@ -142,6 +151,11 @@ class DataPath:
             raise self.failures.device_error(e, f"reading data block {blkno}") from e
         return [(blkno + i, j - i, into[i * BLOCK_SIZE : j * BLOCK_SIZE])
                 for i, j in self._cache.read_cached(blkno, count, into)]
+
+    def caches(self, count: int) -> bool:
+        """Whether a write of ``count`` blocks goes into the data cache (then ``data`` may
+        be any buffer: the cache copies it; larger writes want a :meth:`buffer`)."""
+        return self._cache.takes(count)
 
     @boundary
     def write(self, blkno: BlockNo, count: int, data: Any | Sequence[Any]) -> None:

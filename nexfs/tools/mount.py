@@ -484,6 +484,14 @@ def open_volume(config: MountConfig, seams: Seams = NO_SEAMS) -> tuple[Any, Any,
                 fs.store.data.attach_ring(valve.ring(DEPTH))
             except DeviceError as exc:
                 log.info("%s: reads block (%s)", config.image, exc.strerror)
+            # And the data cache's flushes: their scattered writes in flight together.
+            from nexfs.store.datacache import FLUSH_DEPTH
+
+            try:
+                fs.store.data.attach_flush_ring(valve.ring(FLUSH_DEPTH))
+            except DeviceError as exc:
+                log.info("%s: flushes write one block run at a time (%s)", config.image,
+                         exc.strerror)
         if mmp is not None and mmp.seq is None:
             # Lost while the journal was replayed: stop writing before anything else runs.
             fs.failures.enter("multi-mount protection: the volume was claimed by another "
