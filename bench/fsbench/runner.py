@@ -26,6 +26,7 @@ from types import FrameType
 from typing import Any
 
 from . import report, workloads
+from .probe import PhaseProbe, disk_of
 from .systems import (
     SYSTEMS,
     BenchError,
@@ -109,12 +110,17 @@ class Recorder:
         self.samples: dict[str, dict[str, list[float]]] = {}
         self.units: dict[str, str] = {}
         self.peak_kib: dict[str, int] = {}
+        self.phases: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
     def add(self, system: str, workload: str, unit: str, value: float, rep: str) -> None:
         self.samples.setdefault(system, {}).setdefault(workload, []).append(value)
         self.units.setdefault(workload, unit)
         shown = f"{value:.2f} s" if unit == "s" else f"{value:,.1f} {unit}"
         print(f"  {rep} {system:8} {workload:28} {shown}", flush=True)
+
+    def phase(self, system: str, workload: str, seen: dict[str, Any]) -> None:
+        """What else happened during one fio phase (bench/fsbench/probe.py)."""
+        self.phases.setdefault(system, {}).setdefault(workload, []).append(seen)
 
     def memory(self, system: str, target: Mounted) -> None:
         figures = memory_kib(target.pid)
@@ -127,7 +133,8 @@ def run_system(system: System, preset: dict[str, Any], tarball: Path, rec: Recor
     """Every workload on one freshly prepared system."""
     with system.prepared() as target:
         done: set[str] = set()
-        for phase in preset["phases"]:
+        probe = PhaseProbe(disk_of(system.workdir), None if target.is_raw else target.path)
+        for seed, phase in enumerate(preset["phases"], 1):
             # The raw image is always read and written with O_DIRECT: its figure belongs
             # in the --direct=1 row, and one run per job is enough (hot or cold is the
             # same to it: nothing is cached).
@@ -137,8 +144,11 @@ def run_system(system: System, preset: dict[str, Any], tarball: Path, rec: Recor
             done.add(name)
             if not phase.hot:
                 drop_caches()
+            probe.start()
+            # Each phase its own random offsets, the same on every system.
             value = workloads.run_fio(target, phase, size=preset["file"],
-                                      runtime=preset["runtime"])
+                                      runtime=preset["runtime"], seed=seed)
+            rec.phase(system.name, name, probe.stop())
             rec.add(system.name, name, phase.unit, value, rep)
             rec.memory(system.name, target)
         if target.fio_only:
@@ -242,6 +252,7 @@ def run(args: argparse.Namespace, mode: str, preset: dict[str, Any],
         },
         "units": rec.units,
         "samples": rec.samples,
+        "phases": rec.phases,
         "summary": report.summarise(rec.samples, rec.units),
         "peak_rss_mib": {s: round(k / 1024, 1) for s, k in rec.peak_kib.items()},
         "nexfs_peak_rss_mib": None if peak is None else round(peak / 1024, 1),
