@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fsbench.probe import PhaseProbe, disk_of
 from fsbench.runner import _size
 from fsbench.systems import NexFS, drop_caches
-from fsbench.workloads import FioPhase
+from fsbench.workloads import FioPhase, phase_seed
 from fsbench.workloads import run_fio as fio
 
 PHASES = (
@@ -52,12 +52,12 @@ def one_round(mode: str, workdir: Path, image: int, size: int, runtime: float
     got: dict[str, tuple[float, float | None]] = {}
     with NexFS(workdir, image).prepared() as target:
         probe = PhaseProbe(disk_of(workdir), target.path)
-        for seed, phase in enumerate(PHASES, 1):
+        for index, phase in enumerate(PHASES, 1):
             if not phase.hot:
                 drop_caches()
             probe.start()
             value = fio(target, phase, size=size, runtime=runtime,
-                        seed=seed if mode == "seeded" else None)
+                        seed=phase_seed(index) if mode == "seeded" else None)
             seen = probe.stop()
             got[phase.name] = (value, seen.get("data_cache_hit_rate"))
             print(f"  {mode:6} {phase.name:28} {value:10,.0f}  data-cache hits "

@@ -134,7 +134,7 @@ def run_system(system: System, preset: dict[str, Any], tarball: Path, rec: Recor
     with system.prepared() as target:
         done: set[str] = set()
         probe = PhaseProbe(disk_of(system.workdir), None if target.is_raw else target.path)
-        for seed, phase in enumerate(preset["phases"], 1):
+        for index, phase in enumerate(preset["phases"], 1):
             # The raw image is always read and written with O_DIRECT: its figure belongs
             # in the --direct=1 row, and one run per job is enough (hot or cold is the
             # same to it: nothing is cached).
@@ -147,7 +147,8 @@ def run_system(system: System, preset: dict[str, Any], tarball: Path, rec: Recor
             probe.start()
             # Each phase its own random offsets, the same on every system.
             value = workloads.run_fio(target, phase, size=preset["file"],
-                                      runtime=preset["runtime"], seed=seed)
+                                      runtime=preset["runtime"],
+                                      seed=workloads.phase_seed(index))
             rec.phase(system.name, name, probe.stop())
             rec.add(system.name, name, phase.unit, value, rep)
             rec.memory(system.name, target)

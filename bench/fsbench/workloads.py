@@ -89,6 +89,18 @@ def fio_version() -> str:
                           check=True).stdout.strip()
 
 
+def phase_seed(index: int) -> int:
+    """The random seed of the ``index``-th phase: the first prime from ``1000 * index``.
+
+    fio derives each job's seed from ``randseed`` and the job's number (job k of seed s
+    drew what job 1 of seed k*s drew: tests/test_bench_seeds.py caught phase 8 replaying
+    job 2 of phase 4).  Distinct primes far apart share no such multiple or neighbour."""
+    n = max(2, 1000 * index)
+    while any(n % d == 0 for d in range(2, int(n**0.5) + 1)):
+        n += 1
+    return n
+
+
 def job_text(job: str, seed: int | None) -> str:
     """The job file ``job`` with its random offsets drawn from ``seed`` (None: as it is).
 
