@@ -65,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nexfs bench",
         description="Benchmark NexFS side by side with NexFS on an NBD export (nbdkit), "
-                    "fuse2fs, kernel ext4 (loop device), fio --direct=1 on the raw image and a "
-                    "minimal pyfuse3 filesystem (the ceiling); states NexFS's efficiency as "
-                    "ratios from the same run (needs root). See docs/BENCHMARKS.md.")
+                    "fuse2fs, kernel ext4 (loop device), fio --direct=1 on the raw image, a "
+                    "minimal pyfuse3 filesystem (the ceiling) and its variants that do what "
+                    "NexFS must (ceiling-posix: two requests per write; ceiling-dev: the same "
+                    "on the image through the valve); states NexFS's efficiency as ratios "
+                    "from the same run (needs root). See docs/BENCHMARKS.md.")
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized run: 1 GiB images, 64 MiB file, 1 s jobs, 1000-file "
                              "tree, 2000 creates, one repetition (under two minutes)")
