@@ -126,9 +126,11 @@ def run_fio(target: Mounted, phase: FioPhase, *, size: int, runtime: float,
     # The raw image stands for the device limit: never through the host's page cache.
     direct = phase.direct or target.is_raw
     env = dict(os.environ, SIZE=str(size), RUNTIME=f"{max(1, round(runtime))}")
-    # The job file on stdin ("-"): fio reads it like a file.
+    # The job file on stdin ("-"): fio reads it like a file.  A hot phase must find the
+    # file's pages where the write left them: fio's default (invalidate=1) drops them with
+    # posix_fadvise(DONTNEED) before the job starts.
     cmd = ["fio", f"--filename={filename}", f"--direct={int(direct)}", "--output-format=json",
-           "-"]
+           *(["--invalidate=0"] if phase.hot else []), "-"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600,
                           input=job_text(phase.job, seed))
     if proc.returncode != 0:
