@@ -92,9 +92,10 @@ def fio_version() -> str:
 def phase_seed(index: int) -> int:
     """The random seed of the ``index``-th phase: the first prime from ``1000 * index``.
 
-    fio derives each job's seed from ``randseed`` and the job's number (job k of seed s
-    drew what job 1 of seed k*s drew: tests/test_bench_seeds.py caught phase 8 replaying
-    job 2 of phase 4).  Distinct primes far apart share no such multiple or neighbour."""
+    fio derives each job's seed from ``randseed`` and the job's number, and small seeds
+    collide: with consecutive ones phase 8 replayed job 2 of phase 4, and by hand job 3 of
+    seed 3 drew what job 1 of seed 6 did.  Primes a thousand apart did not, for every job of
+    both presets (tests/test_bench_fio_phases.py checks it through fio itself)."""
     n = max(2, 1000 * index)
     while any(n % d == 0 for d in range(2, int(n**0.5) + 1)):
         n += 1
