@@ -39,10 +39,11 @@ def test_quick_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     result = json.loads((out / "fsbench-quick.json").read_text())
-    assert {"config", "environment", "units", "samples", "summary", "peak_rss_mib",
+    assert {"config", "environment", "units", "samples", "phases", "summary", "peak_rss_mib",
             "nexfs_peak_rss_mib", "mount_1tib_s"} <= set(result)
     assert result["config"]["mode"] == "quick"
-    assert set(result["samples"]) == {"nexfs", "nbd", "fuse2fs", "ext4", "raw", "ceiling"}
+    assert set(result["samples"]) == {"nexfs", "nbd", "fuse2fs", "ext4", "raw", "ceiling",
+                                      "ceiling-posix", "ceiling-dev"}
     for workload in ("seq-write-1m", "seq-read-1m", "seq-read-1m-direct",
                      "randread-4k-qd1-direct", "randwrite-4k-qd1-direct", "tar-extract",
                      "find-stat", "rm-rf", "create", "lookup-random"):
@@ -52,13 +53,20 @@ def test_quick_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     # The reference systems run every fio job the efficiency targets need, in the same run.
     for job in ("randread-4k-qd1-direct", "randread-4k-4jobs-direct",
                 "randwrite-4k-qd1-direct", "randwrite-4k-4jobs-direct"):
-        for system in ("nexfs", "raw", "ceiling"):
+        for system in ("nexfs", "raw", "ceiling", "ceiling-posix", "ceiling-dev"):
             assert result["samples"][system][job][0] > 0, (system, job)
-        assert {"raw", "ceiling"} <= set(result["summary"]["ratios"][job]), job
+        assert {"raw", "ceiling", "ceiling-posix", "ceiling-dev"} <= set(
+            result["summary"]["ratios"][job]), job
     # The hot variant: read right after the write, on every system but the raw image.
-    for system in ("nexfs", "fuse2fs", "ext4", "ceiling"):
+    for system in ("nexfs", "fuse2fs", "ext4", "ceiling", "ceiling-posix", "ceiling-dev"):
         assert result["samples"][system]["randread-4k-qd1-direct-hot"][0] > 0, system
-    assert "tar-extract" not in result["samples"]["ceiling"]
+    for system in ("ceiling", "ceiling-posix", "ceiling-dev"):
+        assert "tar-extract" not in result["samples"][system]
+    # What else happened in each phase: the disk's traffic, NexFS's own data-cache hits.
+    seen = result["phases"]["nexfs"]["randread-4k-qd1-direct"][0]
+    assert {"disk_read_mib", "disk_written_mib", "dirty_mib_at_start",
+            "data_cache_hit_rate", "valve_reads"} <= set(seen), seen
+    assert "data_cache_hit_rate" not in result["phases"]["raw"]["randread-4k-qd1-direct"][0]
     assert result["nexfs_peak_rss_mib"] > 0 and result["mount_1tib_s"] > 0
     assert len(result["summary"]["targets"]) == 11
     efficiency = {(e["workload"], e["versus"]): e for e in result["summary"]["efficiency"]}
@@ -72,6 +80,24 @@ def test_quick_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     }
     for e in efficiency.values():
         assert e["ideal"] > 0 and e["ratio"] > 0 and e["met"] in (True, False), e
+    # NexFS against the reference variants, and their own efficiency against the targets.
+    references = {r["workload"]: r for r in result["summary"]["references"]}
+    assert set(references) == {"randread-4k-qd1-direct", "randread-4k-qd1-direct-hot",
+                               "randread-4k-4jobs-direct", "randwrite-4k-qd1-direct",
+                               "randwrite-4k-4jobs-direct"}
+    for r in references.values():
+        for system in ("ceiling", "ceiling-posix", "ceiling-dev", "raw"):
+            assert r["references"][system] > 0 and r["nexfs_over"][system] > 0, (r, system)
+    own = {(e["system"], e["workload"], e["versus"])
+           for e in result["summary"]["reference_efficiency"]}
+    assert ("ceiling-dev", "randread-4k-4jobs-direct", "min(ceiling, raw), 4 jobs") in own
+    assert ("ceiling-dev", "randread-4k-qd1-direct", "serial ideal 1/(1/ceiling+1/raw)") in own
+    assert ("ceiling-posix", "randwrite-4k-qd1-direct", "ceiling") in own
+    # ceiling-posix reads no device: no row of it against a device-bound ideal.
+    assert ("ceiling-posix", "randread-4k-qd1-direct",
+            "serial ideal 1/(1/ceiling+1/raw)") not in own
+    for e in result["summary"]["reference_efficiency"]:
+        assert e["ideal"] > 0 and e["ratio"] > 0 and e["met"] in (True, False), e
     serial = efficiency[("randread-4k-qd1-direct", "serial ideal 1/(1/ceiling+1/raw)")]
     medians = result["summary"]["medians"]
     ceiling = medians["ceiling"]["randread-4k-qd1-direct"]
@@ -83,6 +109,8 @@ def test_quick_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     assert (out / "fsbench-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| randread-4k-qd1-direct |" in proc.stdout
     assert "| randread-4k-qd1-direct vs serial ideal 1/(1/ceiling+1/raw) |" in table
+    assert "| NexFS vs the references (same run) |" in table
+    assert "| ceiling-dev: randread-4k-4jobs-direct vs min(ceiling, raw), 4 jobs |" in table
 
     # Everything was torn down: no image, no mount, no loop device left behind.
     assert list(work.iterdir()) == []

@@ -26,6 +26,7 @@ from types import FrameType
 from typing import Any
 
 from . import report, workloads
+from .probe import PhaseProbe, disk_of
 from .systems import (
     SYSTEMS,
     BenchError,
@@ -64,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nexfs bench",
         description="Benchmark NexFS side by side with NexFS on an NBD export (nbdkit), "
-                    "fuse2fs, kernel ext4 (loop device), fio --direct=1 on the raw image and a "
-                    "minimal pyfuse3 filesystem (the ceiling); states NexFS's efficiency as "
-                    "ratios from the same run (needs root). See docs/BENCHMARKS.md.")
+                    "fuse2fs, kernel ext4 (loop device), fio --direct=1 on the raw image, a "
+                    "minimal pyfuse3 filesystem (the ceiling) and its variants that do what "
+                    "NexFS must (ceiling-posix: two requests per write; ceiling-dev: the same "
+                    "on the image through the valve); states NexFS's efficiency as ratios "
+                    "from the same run (needs root). See docs/BENCHMARKS.md.")
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized run: 1 GiB images, 64 MiB file, 1 s jobs, 1000-file "
                              "tree, 2000 creates, one repetition (under two minutes)")
@@ -109,12 +112,17 @@ class Recorder:
         self.samples: dict[str, dict[str, list[float]]] = {}
         self.units: dict[str, str] = {}
         self.peak_kib: dict[str, int] = {}
+        self.phases: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
     def add(self, system: str, workload: str, unit: str, value: float, rep: str) -> None:
         self.samples.setdefault(system, {}).setdefault(workload, []).append(value)
         self.units.setdefault(workload, unit)
         shown = f"{value:.2f} s" if unit == "s" else f"{value:,.1f} {unit}"
         print(f"  {rep} {system:8} {workload:28} {shown}", flush=True)
+
+    def phase(self, system: str, workload: str, seen: dict[str, Any]) -> None:
+        """What else happened during one fio phase (bench/fsbench/probe.py)."""
+        self.phases.setdefault(system, {}).setdefault(workload, []).append(seen)
 
     def memory(self, system: str, target: Mounted) -> None:
         figures = memory_kib(target.pid)
@@ -127,7 +135,8 @@ def run_system(system: System, preset: dict[str, Any], tarball: Path, rec: Recor
     """Every workload on one freshly prepared system."""
     with system.prepared() as target:
         done: set[str] = set()
-        for phase in preset["phases"]:
+        probe = PhaseProbe(disk_of(system.workdir), None if target.is_raw else target.path)
+        for index, phase in enumerate(preset["phases"], 1):
             # The raw image is always read and written with O_DIRECT: its figure belongs
             # in the --direct=1 row, and one run per job is enough (hot or cold is the
             # same to it: nothing is cached).
@@ -137,8 +146,12 @@ def run_system(system: System, preset: dict[str, Any], tarball: Path, rec: Recor
             done.add(name)
             if not phase.hot:
                 drop_caches()
+            probe.start()
+            # Each phase its own random offsets, the same on every system.
             value = workloads.run_fio(target, phase, size=preset["file"],
-                                      runtime=preset["runtime"])
+                                      runtime=preset["runtime"],
+                                      seed=workloads.phase_seed(index))
+            rec.phase(system.name, name, probe.stop())
             rec.add(system.name, name, phase.unit, value, rep)
             rec.memory(system.name, target)
         if target.fio_only:
@@ -242,6 +255,7 @@ def run(args: argparse.Namespace, mode: str, preset: dict[str, Any],
         },
         "units": rec.units,
         "samples": rec.samples,
+        "phases": rec.phases,
         "summary": report.summarise(rec.samples, rec.units),
         "peak_rss_mib": {s: round(k / 1024, 1) for s, k in rec.peak_kib.items()},
         "nexfs_peak_rss_mib": None if peak is None else round(peak / 1024, 1),

@@ -307,6 +307,7 @@ class Ceiling(System):
 
     name = "ceiling"
     label = "minimal pyfuse3 (ceiling)"
+    options: tuple[str, ...] = ()
 
     @staticmethod
     def available() -> str | None:
@@ -316,9 +317,10 @@ class Ceiling(System):
 
     @contextlib.contextmanager
     def _mounted(self) -> Iterator[Mounted]:
-        log_path = self.workdir / "ceilingfs.log"
+        log_path = self.workdir / f"{self.name}.log"
         with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen([sys.executable, str(CEILING_FS), str(self.mountpoint)],
+            proc = subprocess.Popen([sys.executable, str(CEILING_FS), *self._options(),
+                                     str(self.mountpoint)],
                                     stdin=subprocess.DEVNULL, stdout=log_file,
                                     stderr=subprocess.STDOUT)
         try:
@@ -336,8 +338,35 @@ class Ceiling(System):
             proc.wait(timeout=60)
             log_path.unlink(missing_ok=True)
 
+    def _options(self) -> list[str]:
+        return []
 
-SYSTEMS: tuple[type[System], ...] = (NexFS, NbdNexFS, Fuse2fs, KernelExt4, RawDevice, Ceiling)
+
+class CeilingPosix(Ceiling):
+    """``ceilingfs.py --posix``: the ceiling without what NexFS cannot do (FUSE direct I/O,
+    no xattrs), so an O_DIRECT write is two requests, as on NexFS."""
+
+    name = "ceiling-posix"
+    label = "ceiling, NexFS's requests (--posix)"
+
+    def _options(self) -> list[str]:
+        return ["--posix"]
+
+
+class CeilingDev(Ceiling):
+    """``ceilingfs.py --device IMAGE``: ``--posix``, and the file is this system's image
+    read and written through the valve as NexFS does (blocking at QD1, a ring for reads in
+    flight): the least any device-backed pyfuse3 filesystem of this design pays."""
+
+    name = "ceiling-dev"
+    label = "ceiling on the device (--device)"
+
+    def _options(self) -> list[str]:
+        return ["--device", str(self.image)]
+
+
+SYSTEMS: tuple[type[System], ...] = (NexFS, NbdNexFS, Fuse2fs, KernelExt4, RawDevice, Ceiling,
+                                     CeilingPosix, CeilingDev)
 
 
 def drop_caches() -> None:

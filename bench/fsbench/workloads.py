@@ -89,15 +89,51 @@ def fio_version() -> str:
                           check=True).stdout.strip()
 
 
-def run_fio(target: Mounted, phase: FioPhase, *, size: int, runtime: float) -> float:
-    """Run one job on ``target``; MiB/s for sequential jobs, IOPS (read + write) otherwise."""
+def phase_seed(index: int) -> int:
+    """The random seed of the ``index``-th phase: the first prime from ``1000 * index``.
+
+    fio derives each job's seed from ``randseed`` and the job's number, and small seeds
+    collide: with consecutive ones phase 8 replayed job 2 of phase 4, and by hand job 3 of
+    seed 3 drew what job 1 of seed 6 did.  Primes a thousand apart did not, for every job of
+    both presets (tests/test_bench_fio_phases.py checks it through fio itself)."""
+    n = max(2, 1000 * index)
+    while any(n % d == 0 for d in range(2, int(n**0.5) + 1)):
+        n += 1
+    return n
+
+
+def job_text(job: str, seed: int | None) -> str:
+    """The job file ``job`` with its random offsets drawn from ``seed`` (None: as it is).
+
+    The job files say ``randrepeat=1`` (repeatable by hand), and with it fio 3.33 ignores
+    ``randseed`` (on the command line or in the file): every random job would replay the
+    same offsets.  A phase that replays the offsets of the phase before it finds them in
+    every cache nobody dropped, NexFS's own data cache above all, which ``drop_caches`` does
+    not reach (docs/BENCHMARKS.md, "The hot-read anomaly").  So each phase gets its own
+    seed: still repeatable, never the previous phase's offsets."""
+    text = (FIO_DIR / f"{job}.fio").read_text()
+    if seed is not None and "rw=rand" in text:
+        if "\nrandrepeat=1\n" not in text:
+            raise BenchError(f"bench/fio/{job}.fio: random job without randrepeat=1")
+        text = text.replace("\nrandrepeat=1\n", f"\nrandrepeat=0\nrandseed={seed}\n")
+    return text
+
+
+def run_fio(target: Mounted, phase: FioPhase, *, size: int, runtime: float,
+            seed: int | None = None) -> float:
+    """Run one job on ``target``; MiB/s for sequential jobs, IOPS (read + write) otherwise.
+    Random offsets come from ``seed`` (:func:`job_text`; None: the job file's own)."""
     filename = target.path if target.is_raw else target.path / FIO_FILE
     # The raw image stands for the device limit: never through the host's page cache.
     direct = phase.direct or target.is_raw
     env = dict(os.environ, SIZE=str(size), RUNTIME=f"{max(1, round(runtime))}")
+    # The job file on stdin ("-"): fio reads it like a file.  A hot phase must find the
+    # file's pages where the write left them: fio's default (invalidate=1) drops them with
+    # posix_fadvise(DONTNEED) before the job starts.
     cmd = ["fio", f"--filename={filename}", f"--direct={int(direct)}", "--output-format=json",
-           str(FIO_DIR / f"{phase.job}.fio")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+           *(["--invalidate=0"] if phase.hot else []), "-"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600,
+                          input=job_text(phase.job, seed))
     if proc.returncode != 0:
         raise BenchError(f"fio {phase.name} on {target.name} failed: "
                          f"{(proc.stderr or proc.stdout).strip()[-500:]}")
