@@ -32,6 +32,7 @@ from mountutil import (  # noqa: F401  (fixtures)
 
 from nexfs.fuse.stats import (
     STATS_XATTR,
+    Handout,
     Stats,
     bucket,
     bucket_upper,
@@ -197,3 +198,47 @@ def test_another_user_may_read_the_statistics(mounter: Mounter) -> None:
     doc = json.loads(raw)
     assert count(doc, "getxattr") >= 1
     sh("touch x 2>/dev/null || true", m.mountpoint, user="nobody")
+
+
+def _getxattr(path: bytes, name: bytes, size: int) -> int | bytes:
+    """getxattr(2) with a buffer of ``size`` bytes (0: the size probe); -errno on failure."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(size) if size else None
+    n = libc.getxattr(path, name, buf, ctypes.c_size_t(size))
+    if n < 0:
+        return -ctypes.get_errno()
+    return buf.raw[:n] if buf is not None else int(n)
+
+
+def test_size_probe_then_read_never_gets_erange(mounted: Mount) -> None:
+    """getfattr's way (and every C caller's): ask the size, then read with a buffer of that
+    size.  The daemon counts the probe itself, so a document made afresh for the read could
+    be longer than the size it gave; the read must still fit (no ERANGE), and be JSON."""
+    path = os.fsencode(mounted.mountpoint)
+    for i in range(300):
+        size = _getxattr(path, STATS_XATTR, 0)
+        assert isinstance(size, int) and size > 0, size
+        got = _getxattr(path, STATS_XATTR, size)
+        assert isinstance(got, bytes), f"round {i}: {os.strerror(-got)} after a probe of {size}"
+        assert isinstance(json.loads(got), dict)
+
+
+def test_handout_gives_a_document_to_the_follow_up_once_and_not_when_stale() -> None:
+    made: list[bytes] = []
+    now = [0.0]
+
+    def make() -> bytes:
+        made.append(b"doc%d" % len(made))
+        return made[-1]
+
+    h = Handout(make, keep=2.0, clock=lambda: now[0])
+    assert h.get(10) == b"doc0"          # the probe: made and kept
+    assert h.get(20) == b"doc1"          # another caller gets its own
+    assert h.get(10) == b"doc0"          # the follow-up: the probe's document
+    assert h.get(10) == b"doc2"          # handed out once only: a new question
+    now[0] = 2.5
+    assert h.get(10) == b"doc3"          # kept too long: made afresh
+    assert h.get(20) == b"doc4"          # pid 20's was dropped as stale, not handed out
+    assert made == [b"doc0", b"doc1", b"doc2", b"doc3", b"doc4"]

@@ -45,7 +45,7 @@ from nexfs.core.attr import Attr, Ctx, SetAttr
 from nexfs.core.fs import FileSystem
 from nexfs.fuse import loop as fuseloop
 from nexfs.fuse.invalidate import drop_cached_pages
-from nexfs.fuse.stats import STATS_XATTR, Stats, hit_rate
+from nexfs.fuse.stats import STATS_XATTR, Handout, Stats, hit_rate
 from nexfs.store.inflight import ReadGroup
 from nexfs.types import CorruptionError, FsError
 
@@ -170,6 +170,7 @@ class FuseAdapter(pyfuse3.Operations):
         self.enable_acl = fs.acl
         self.debug = debug
         self.stats = Stats()  # what ``nexfs stats`` reads (getxattr below)
+        self._stats_handout = Handout(self.stats_document)  # a size probe, then its read
         self.stats.sources.append(self._store_counters)
         self._lookups: dict[int, int] = {}
         self._handles: dict[int, _Handle] = {}
@@ -617,7 +618,7 @@ class FuseAdapter(pyfuse3.Operations):
             # instead of three, and no trip through the failure policy (about 1 us).
             raise pyfuse3.FUSEError(errno.ENODATA)
         if inode == pyfuse3.ROOT_INODE and name == STATS_XATTR:
-            return self.stats_document()
+            return self._stats_handout.get(ctx.pid)
         return self.fs.getxattr(inode, name, Ctx(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid))
 
     @_handler

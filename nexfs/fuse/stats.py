@@ -18,6 +18,12 @@ works for every user who may read the root directory (the kernel checks that, as
 ``listxattr`` and to copies.  The name is reserved on the root directory only: setting or
 removing it there is refused (EPERM); elsewhere it is an ordinary name.
 
+One document per question: a C caller asks the size first (a buffer of 0 bytes) and then
+reads with a buffer of that size, and the daemon counts the first request before it
+answers the second, so a document made afresh for the read may be longer than the size it
+gave (ERANGE).  :class:`Handout` therefore gives a caller (by pid) the document it made for
+that caller's previous request, once, if it is at most :data:`HANDOUT_SECONDS` old.
+
 Cost: recording one request is two ``perf_counter_ns`` calls and a handful of integer
 operations on preallocated lists (:func:`bucket`), about 0.3 µs against the 30-150 µs a
 request costs (docs/BENCHMARKS.md, "Live statistics"); nothing is allocated per request.
@@ -36,6 +42,9 @@ STATS_XATTR = b"user.nexfs.stats"
 
 FORMAT_VERSION = 1
 """``version`` in the JSON; raised when a field changes meaning."""
+
+HANDOUT_SECONDS = 2.0
+"""How long a document waits for its caller's follow-up read (:class:`Handout`)."""
 
 NBUCKETS = 256
 """Histogram buckets: enough for any latency below 2**63 ns."""
@@ -169,3 +178,27 @@ def valve_counters(valve: Any, sector_size: int) -> dict[str, Any]:
 
 def hit_rate(hits: int, misses: int) -> float | None:
     return round(hits / (hits + misses), 4) if hits + misses else None
+
+
+class Handout:
+    """Documents by caller: each request of a pid gets the document made for that pid's
+    previous request if it has not been handed out yet and is at most ``keep`` seconds old
+    (the read after a size probe), otherwise a new one, kept for the next request."""
+
+    def __init__(self, make: Callable[[], bytes], keep: float = HANDOUT_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._make = make
+        self._keep = keep
+        self._clock = clock
+        self._kept: dict[int, tuple[float, bytes]] = {}
+
+    def get(self, pid: int) -> bytes:
+        now = self._clock()
+        kept = self._kept.pop(pid, None)
+        if kept is not None and now - kept[0] <= self._keep:
+            return kept[1]
+        for other in [p for p, (t, _) in self._kept.items() if now - t > self._keep]:
+            del self._kept[other]  # callers that never came back
+        doc = self._make()
+        self._kept[pid] = (now, doc)
+        return doc
