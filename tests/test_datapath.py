@@ -236,3 +236,27 @@ def test_deferred_write_error_reaches_fsync_on_a_real_image(tmp_path: Path) -> N
             fs.fsync(ino, False)
         assert exc.value.errno == errno.EIO and fs.read_only
         fs.close()
+
+
+def test_every_lookup_counts_as_a_hit_or_a_miss() -> None:
+    """The hit rate ``nexfs stats`` shows is hits / (hits + misses): every block a small read
+    looked up is one or the other, also for reads in flight (read_cached), whose missing
+    blocks come from the device without filling the cache.  Only large reads, which never
+    look, count as bypassed."""
+    rng = random.Random(7)
+    dev = MemDevice.of_size(8 * MiB)
+    cache = DataCache(BlockDev(dev), capacity=64, dirty_limit=32)
+    looked = 0
+    for _ in range(200):
+        blkno, count = rng.randrange(0, 256), rng.randint(1, 4)
+        out = memoryview(bytearray(count * BLOCK_SIZE))
+        if rng.random() < 0.5:
+            cache.read(blkno, count, out)
+        else:
+            cache.read_cached(blkno, count, out)
+        looked += count
+        assert cache.hits + cache.misses == looked
+    assert cache.hits > 0 and cache.misses > 0
+    big = SMALL_MAX + 1
+    cache.read(0, big, memoryview(bytearray(big * BLOCK_SIZE)))
+    assert cache.hits + cache.misses == looked and cache.bypassed == big

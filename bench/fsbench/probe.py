@@ -98,8 +98,8 @@ class PhaseProbe:
         if self._stats0 is not None and after is not None:
             data0, data1 = self._stats0["caches"]["data"], after["caches"]["data"]
             hits = data1["hits"] - data0["hits"]
-            # Blocks of reads in flight and of large reads are "bypassed", not "misses":
-            # both went to the device.
+            # Blocks of large reads are "bypassed", not "misses": they went to the device
+            # too, so here a miss is any block read from the device.
             misses = (data1["misses"] - data0["misses"]
                       + data1["bypassed"] - data0["bypassed"])
             got["data_cache_hits"] = hits

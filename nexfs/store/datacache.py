@@ -100,14 +100,15 @@ class DataCache:
     def read_cached(self, blkno: int, count: int, into: memoryview) -> list[tuple[int, int]]:
         """Copy the cached blocks among ``blkno..`` into ``into``; returns the runs
         ``(first index, end index)`` left to read from the device.  Nothing is read here and
-        nothing is filled in (the device reads are in flight: nexfs/store/inflight.py), so
-        the blocks left are counted as ``bypassed``, like a large read's."""
+        nothing is filled in (the device reads are in flight: nexfs/store/inflight.py).  The
+        blocks left were looked up and not found: misses, for the hit rate of ``nexfs
+        stats`` (only large reads, which never look, are ``bypassed``)."""
         blocks = self._blocks
         if not blocks:
-            self.bypassed += count
+            self.misses += count
             return [(0, count)]
         missing = self._copy_hits(blkno, count, into)
-        self.bypassed += sum(j - i for i, j in missing)
+        self.misses += sum(j - i for i, j in missing)
         return missing
 
     def _copy_hits(self, blkno: int, count: int, into: memoryview) -> list[tuple[int, int]]:

@@ -63,8 +63,10 @@ class DataPath:
         return self._wb
 
     def cache_counters(self) -> dict[str, int]:
-        """The data cache's part of ``nexfs stats``: blocks read from memory, from the device
-        through the cache and past it (large reads, and reads in flight), and its size."""
+        """The data cache's part of ``nexfs stats``: blocks small reads found in memory
+        (hits) and did not (misses: read from the device, by a blocking read that fills the
+        cache or by a read in flight that does not), blocks of large reads that never look
+        (bypassed), and its size."""
         c = self._cache
         return {"hits": c.hits, "misses": c.misses, "bypassed": c.bypassed, "blocks": len(c),
                 "capacity": c.capacity, "dirty": c.dirty_count}
