@@ -98,11 +98,14 @@ def test_requests_per_file_of_tar_and_rm(mounted: Mount, tmp_path: Path) -> None
     # Per file or directory: one LOOKUP (the name is new), CREATE or MKDIR, WRITE (if the
     # file has data), RELEASE; chown, chmod and utimensat as SETATTRs; the kernel's GETXATTR
     # of security.capability before a write and a chown (FUSE clears SB_NOSEC); GETATTRs
-    # after close and utimensat.  Bounds a little above the figures in docs/BENCHMARKS.md.
-    for op, bound in (("lookup", 1.05), ("setattr", 3.1), ("getxattr", 3.0),
+    # after close and utimensat.  Bounds a little above the figures in docs/BENCHMARKS.md;
+    # SETATTR's has room for the kernel's own write-back of a file's times (at most one per
+    # file, and how many depends on when writeback runs: 3.11 per entry was seen under load).
+    # The total still fails if FLUSH came back (about 0.9 more per entry).
+    for op, bound in (("lookup", 1.05), ("setattr", 3.5), ("getxattr", 3.0),
                       ("getattr", 1.9), ("release", 1.0), ("write", 1.0)):
         assert per_entry.get(op, 0) <= bound, (op, per_entry)
-    assert sum(tar.values()) / entries <= 11.8, per_entry
+    assert sum(tar.values()) / entries <= 12.2, per_entry
     # rm: per entry a GETATTR, UNLINK or RMDIR, the kernel's SETATTR of the ctime it sets
     # on unlink (writeback cache), a FORGET; per directory OPENDIR, READDIRs, RELEASEDIR.
     assert rm["unlink"] == TREE_FILES and sum(rm.values()) / entries <= 4.8, rm
