@@ -484,8 +484,19 @@ class Bitmap:
             entry = self.summary_entry(g0)
             bits = self.tail_mask(g0) if entry & UNINIT else self.group_bits(g0)
             mask = range_mask(off0, want)
-            if not bits & mask and not self._pending_mask(g0) & mask:
+            pend = self._pending_mask(g0)
+            if not bits & mask and not pend & mask:
                 return goal, want
+            if want == 1:
+                # The goal is taken (an inode's goal is its parent's number): the first fit
+                # is the lowest clear bit at or after it in this group, which the first lap
+                # below would find too, in four big-int operations instead of building the
+                # group's free mask and scanning it.  The tail bits are set, so a position
+                # past the group's items means "none here": the search below decides.
+                used = (bits | pend) >> off0
+                pos = off0 + (~used & (used + 1)).bit_length() - 1
+                if pos < BPB:
+                    return g0 * BPB + pos, 1
         index = self._allocatable_index()
         fallback: tuple[int, int] | None = None
         examined = 0
