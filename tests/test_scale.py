@@ -485,6 +485,7 @@ def test_allocator_choices_match_the_linear_search(seed: int) -> None:
 
     store.blocks.find = checked_find  # type: ignore[method-assign]
     real_ifind = store.inodes.find
+    compared_inodes = 0
 
     def checked_ifind(goal: int, want: int) -> tuple[int, int] | None:
         nonlocal compared_inodes
@@ -494,7 +495,6 @@ def test_allocator_choices_match_the_linear_search(seed: int) -> None:
         compared_inodes += 1
         return got
 
-    compared_inodes = 0
     store.inodes.find = checked_ifind  # type: ignore[method-assign]
     inodes: list[int] = []
     owned: list[tuple[int, int]] = []

@@ -439,7 +439,8 @@ class Bitmap:
         if n < 1 or off + n > BPB or i + n > self.nitems:
             raise ValueError(f"{self.name}: bad range {i}+{n}")
         s, si = divmod(g, SUMMARY_ENTRIES)
-        summary = self._summary(s)
+        summary: SummaryBlock | None = self._summary(s)
+        assert summary is not None
         entry = summary.entries[si]
         if entry & UNINIT:  # (rare: the group's first use changes the entry itself)
             summary = None
