@@ -116,11 +116,13 @@ def floor(work: Path) -> Iterator[tuple[Path, int | None]]:
         proc.wait(timeout=60)
 
 
-def _ops(mnt: Path, tree: Path) -> dict[str, int]:
+def _ops(mnt: Path, tree: Path) -> dict[str, tuple[int, float]]:
+    """Each request type's count and total handler time (us) so far (``nexfs stats``)."""
     proc = subprocess.run([sys.executable, "-m", "nexfs.tools.cli", "stats", "--json",
                            str(mnt)], env=_env(tree), cwd=tree, capture_output=True,
                           text=True, check=True)
-    return {k: v["count"] for k, v in json.loads(proc.stdout)["ops"].items()}
+    return {k: (v["count"], v["count"] * (v["mean_us"] or 0.0))
+            for k, v in json.loads(proc.stdout)["ops"].items()}
 
 
 def _timed(cmd: list[str]) -> float:
@@ -149,10 +151,12 @@ def _cpu(pid: int | None) -> float:
 
 
 def one_round(mnt: Path, pid: int | None, tarball: Path, creates: int, tree: Path | None
-              ) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, int]]]:
+              ) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, int]],
+                         dict[str, dict[str, float]]]:
     times: dict[str, float] = {}
     cpu: dict[str, float] = {}
     counts: dict[str, dict[str, int]] = {}
+    op_us: dict[str, dict[str, float]] = {}  # mean handler time of each request type
     commands = {
         "tar": ["tar", "-xf", str(tarball), "-C", str(mnt)],
         "find": ["find", str(mnt / "tree"), "-printf", "%s %m %T@\\n"],
@@ -172,9 +176,13 @@ def one_round(mnt: Path, pid: int | None, tarball: Path, creates: int, tree: Pat
         cpu[step] = _cpu(pid) - cpu_before
         if tree is not None:
             after = _ops(mnt, tree)
-            counts[step] = {k: v - before.get(k, 0) for k, v in after.items()
-                            if v - before.get(k, 0)}
-    return times, cpu, counts
+            counts[step], op_us[step] = {}, {}
+            for k, (n, total) in after.items():
+                n0, total0 = before.get(k, (0, 0.0))
+                if n - n0:
+                    counts[step][k] = n - n0
+                    op_us[step][k] = round((total - total0) / (n - n0), 2)
+    return times, cpu, counts, op_us
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_samples: dict[str, dict[str, list[float]]] = {c: {s: [] for s in STEPS}
                                                       for c in contenders}
     requests: dict[str, list[dict[str, dict[str, int]]]] = {"old": [], "new": []}
+    per_op: dict[str, list[dict[str, dict[str, float]]]] = {"old": [], "new": []}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="meta-ab-") as tmp:
         work = Path(tmp)
         tarball = work / "tree.tar"
@@ -217,13 +226,14 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     ctx = floor(work)
                 with ctx as (mnt, pid):
-                    times, cpu, counts = one_round(mnt, pid, tarball, args.creates,
-                                                   trees.get(who))
+                    times, cpu, counts, op_us = one_round(mnt, pid, tarball, args.creates,
+                                                          trees.get(who))
                 for step, value in times.items():
                     samples[who][step].append(value)
                     cpu_samples[who][step].append(cpu[step])
                 if who in trees:
                     requests[who].append(counts)
+                    per_op[who].append(op_us)
                 print(f"round {r + 1} {who:8}",
                       "  ".join(f"{s} {times[s]:6.2f} s (daemon cpu {cpu[s]:5.2f})"
                                 for s in STEPS), flush=True)
@@ -245,8 +255,18 @@ def main(argv: list[str] | None = None) -> int:
             last = requests[who][-1]
             print(f"requests ({who}): " + "; ".join(
                 f"{s} {sum(last[s].values())}" for s in STEPS if s in last))
+    for step in ("tar", "rm"):
+        for who in trees:
+            if not per_op[who] or step not in per_op[who][-1]:
+                continue
+            last_n, rounds = requests[who][-1][step], [r[step] for r in per_op[who]]
+            top = sorted(last_n, key=lambda k: -last_n[k] * rounds[-1][k])[:6]
+            print(f"{step} per request ({who}, median of rounds): " + "; ".join(
+                f"{k} {last_n[k]} x {statistics.median(r.get(k, 0.0) for r in rounds):.1f} us"
+                for k in top))
     if args.json:
         doc: dict[str, Any] = {"samples": samples, "medians": med, "requests": requests,
+                               "per_op_us": per_op,
                                "daemon_cpu": cpu_samples, "daemon_cpu_medians": cpu_med,
                                "runs": args.runs, "files": args.files, "creates": args.creates}
         args.json.write_text(json.dumps(doc, indent=1))

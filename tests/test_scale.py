@@ -484,6 +484,19 @@ def test_allocator_choices_match_the_linear_search(seed: int) -> None:
         return got
 
     store.blocks.find = checked_find  # type: ignore[method-assign]
+    real_ifind = store.inodes.find
+    compared_inodes = 0
+
+    def checked_ifind(goal: int, want: int) -> tuple[int, int] | None:
+        nonlocal compared_inodes
+        expect = reference_find(store.inodes, goal, want)
+        got = real_ifind(goal, want)
+        assert got == expect, ("inode", goal, want, got, expect)
+        compared_inodes += 1
+        return got
+
+    store.inodes.find = checked_ifind  # type: ignore[method-assign]
+    inodes: list[int] = []
     owned: list[tuple[int, int]] = []
     g = store.geo
     for _step in range(1500 if LONG else 400):
@@ -512,8 +525,16 @@ def test_allocator_choices_match_the_linear_search(seed: int) -> None:
         if rng.random() < 0.05:
             ino = store.alloc_inode(InodeNo(rng.randrange(1, g.ninodes)))
             store.free_inode(ino)
+        # Inodes as a create allocates them (the goal is the parent's number, usually
+        # taken: the first free one after it), and some freed again (holes before the hint).
+        for _ in range(rng.randrange(4)):
+            near = rng.choice(inodes) if inodes and rng.random() < 0.8 else None
+            with store.reserve(0, ninodes=1):
+                inodes.append(store.alloc_inode(None if near is None else InodeNo(near)))
+        if inodes and rng.random() < 0.3:
+            store.free_inode(InodeNo(inodes.pop(rng.randrange(len(inodes)))))
     assert not store.verify_allocators()
-    assert compared > 150
+    assert compared > 150 and compared_inodes > 400
     store.close()
 
 

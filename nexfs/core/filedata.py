@@ -278,6 +278,15 @@ class FileData:
         """Free every data block and extent-tree node of the inode."""
         self.free_runs(self.emap.destroy())
 
+    def fits_one_step(self, groups: int) -> bool:
+        """Whether one :meth:`release_step` of ``groups`` groups would free the whole map: it
+        is inline (no tree nodes) and its extents touch at most ``groups`` bitmap groups,
+        counted as the step counts them (a small file's delete: ``destroy`` alone)."""
+        extents = self.emap.inline_extents()
+        if extents is None:
+            return False
+        return sum((p + n - 1) // BPB - p // BPB + 1 for _lb, p, n in extents) <= groups
+
     def mapped_from(self, keep: int) -> bool:
         """Whether any block at or after logical block ``keep`` is mapped."""
         e = self.emap.last()

@@ -349,10 +349,10 @@ class FileSystem:
         perms.check(parent, perms.W_OK | perms.X_OK, ctx, self._access_acl(parent))
         if parent.nlink == 0:
             raise FsError(errno.ENOENT)
-        if name in (b".", b"..") or self.objects.dir_index(parent).lookup(name) is not None:
+        index = self.objects.dir_index(parent)
+        if name in (b".", b"..") or index.lookup(name) is not None:
             raise FsError(errno.EEXIST)
-        self.store.reserve(self.objects.dir_index(parent).worst_case_new_blocks() + extra_blocks,
-                           ninodes=1)
+        self.store.reserve(index.worst_case_new_blocks() + extra_blocks, ninodes=1)
         return parent
 
     def _add_entry(self, parent: Inode, name: bytes, inode: Inode, now: int) -> None:

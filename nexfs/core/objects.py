@@ -242,8 +242,14 @@ class Objects:
         """Free an inode with no name left and everything it owns; an orphan leaves the
         list last, with the inode itself (its data may take several transactions)."""
         if inode.is_reg or (inode.is_symlink and not inode.flags & INODE_FLAG_INLINE):
-            self.release_data(inode, 0)
-            self.data(inode).destroy()  # the emptied map (and nothing else) is reset
+            data = self.data(inode)
+            store = self.store
+            # A small file (most deletes): release_data would take exactly one step, which
+            # punches the whole map, so destroy() alone frees the same blocks in the same
+            # transaction, without the step's walk and punch (~10 us of a ~45 us delete).
+            if not (data.fits_one_step(store.free_step_groups()) and store.room_for_free_step()):
+                self.release_data(inode, 0)
+            data.destroy()  # the emptied map (and nothing else) is reset
         elif inode.is_dir:
             self.dir_index(inode).destroy()
         if inode.xattr_root:

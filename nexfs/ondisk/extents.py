@@ -287,6 +287,10 @@ class ExtentMap:
         """The extent with the highest logical start, as (lblk, phys, n), or None."""
         return self._seek_le(MAX_FILE_BLOCKS)
 
+    def inline_extents(self) -> list[tuple[int, int, int]] | None:
+        """The extents as (lblk, phys, n) when the map is inline (no tree nodes), else None."""
+        return None if self._tree is not None else list(self._rec)
+
     def before(self, lblk: int) -> tuple[int, int, int] | None:
         """The extent with the highest logical start below ``lblk``, or None (walking a
         map backwards: each call is one descent)."""
