@@ -551,14 +551,7 @@ static void *pool_worker(void *arg)
             if (rc == 0 && req->durable)
                 rc = sync_fd(dev);
         }
-        req->result = rc;
-        finish(ring, req);
-
-        pthread_mutex_lock(&ring->mu);
-        push(&ring->done, &ring->done_tail, req);
-        pthread_cond_broadcast(&ring->cv);
-        pthread_mutex_unlock(&ring->mu);
-        signal_efd(ring->efd);
+        nx_ring_done(ring, req, rc);  /* the same hand-back as another backend's engine */
     }
 }
 
