@@ -31,6 +31,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from nbdserve import served  # bench/, this script's directory
+
 HERE = Path(__file__).resolve().parent
 JOBS = ("randread-4k-qd1", "randread-4k-4jobs", "randwrite-4k-qd1", "randwrite-4k-4jobs")
 
@@ -72,24 +74,11 @@ def _volume(tree: Path, work: Path, nbd: bool) -> Iterator[str]:
         return
     with open(img, "wb") as f:
         f.truncate(2 << 30)
-    sock = work / "nbd.sock"
-    sock.unlink(missing_ok=True)
-    server = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "file",
-                               str(img), "cache=none"], stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("nbdkit did not start")
-            time.sleep(0.02)
-        uri = f"nbd+unix:///?socket={sock}"
+    with served(img, work / "nbd.sock") as uri:
         # A short multi-mount protection interval: each mount's claim then takes ~1.4 s.
         subprocess.run([py, "-m", "nexfs.tools.mkfs", "--quiet", "--mmp-interval", "0.2", uri],
                        env=_env(tree), check=True, cwd=tree)
         yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 def one_round(tree: Path, work: Path, size: str, runtime: float, nbd: bool = False,

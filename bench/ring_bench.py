@@ -34,18 +34,18 @@ import json
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from valve_bench import make_image  # bench/, this script's directory
+from nbdserve import served  # bench/, this script's directory
+from valve_bench import make_image
 
 from valve import AlignedBuffer, Capability, Rights, Ring, Valve
 
@@ -132,24 +132,6 @@ NBD_METHODS = {"blocking": run_blocking, "to_thread": run_to_thread,
                "ring-callbacks": run_ring, "ring-pool": run_ring, "ring-pool-8": run_ring}
 
 
-@contextlib.contextmanager
-def _served(img: Path) -> Iterator[str]:
-    """nbdkit's file plugin serving ``img`` on a Unix socket beside it; yields the URI."""
-    sock = img.with_suffix(".sock")
-    server = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "file",
-                               str(img), "cache=none"], stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("nbdkit did not start")
-            time.sleep(0.02)
-        yield f"nbd+unix:///?socket={sock}"
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 runs x 0.3 s, 32 MiB image")
@@ -169,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         img = tmp / "ring.img"
         make_image(img, size)
         methods = NBD_METHODS if args.nbd else METHODS
-        with (_served(img) if args.nbd else contextlib.nullcontext(str(img))) as target, \
-                Valve.open(target, read_only=True) as v:
+        target_of = (served(img, img.with_suffix(".sock")) if args.nbd
+                     else contextlib.nullcontext(str(img)))
+        with target_of as target, Valve.open(target, read_only=True) as v:
             cap = v.grant(Rights.READ)
             rings = {"ring-pool": v.ring(8, engine="pool", threads=4)}
             if args.nbd:

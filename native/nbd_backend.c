@@ -142,6 +142,28 @@ static void poll_once(struct nx_nbd *n, int ms)
         mark_dead(n, r < 0 ? nbd_get_error() : "connection closed by the server");
 }
 
+/* With p->lock held: become the poller and drive libnbd for up to `slice` ms (the lock
+ * dropped meanwhile), or, if another thread is the poller, wait up to `slice` ms for it to
+ * report progress.  Returns with p->lock held. */
+static void drive_or_wait(struct nx_nbd *n, struct priv *p, int slice)
+{
+    if (!p->polling) {
+        __atomic_store_n(&p->polling, 1, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&p->lock);
+        poll_once(n, slice);
+        pthread_mutex_lock(&p->lock);
+        __atomic_store_n(&p->polling, 0, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&p->progressed);
+    } else {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += (long)slice * 1000000L;
+        until.tv_sec += until.tv_nsec / 1000000000L;
+        until.tv_nsec %= 1000000000L;
+        pthread_cond_timedwait(&p->progressed, &p->lock, &until);
+    }
+}
+
 static void kick(struct nx_nbd *n)
 {
     struct priv *p = n->priv;
@@ -204,21 +226,7 @@ static int wait_ops(struct nx_nbd *n, struct op *ops, int nops, int64_t deadline
             break;
         }
         int slice = timed_out || left > NX_NBD_SLICE_MS ? NX_NBD_SLICE_MS : (int)left;
-        if (!p->polling) {
-            __atomic_store_n(&p->polling, 1, __ATOMIC_RELEASE);
-            pthread_mutex_unlock(&p->lock);
-            poll_once(n, slice);
-            pthread_mutex_lock(&p->lock);
-            __atomic_store_n(&p->polling, 0, __ATOMIC_RELEASE);
-            pthread_cond_broadcast(&p->progressed);
-        } else {
-            struct timespec until;
-            clock_gettime(CLOCK_REALTIME, &until);
-            until.tv_nsec += (long)slice * 1000000L;
-            until.tv_sec += until.tv_nsec / 1000000000L;
-            until.tv_nsec %= 1000000000L;
-            pthread_cond_timedwait(&p->progressed, &p->lock, &until);
-        }
+        drive_or_wait(n, p, slice);
     }
     pthread_mutex_unlock(&p->lock);
     return timed_out;
@@ -859,20 +867,8 @@ static void *aring_driver(void *arg)
         int slice = left > NX_NBD_SLICE_MS ? NX_NBD_SLICE_MS : (int)left;
         if (any_settled(a)) {
             /* Another poller finished our commands since the scan: report them first. */
-        } else if (!p->polling) {
-            __atomic_store_n(&p->polling, 1, __ATOMIC_RELEASE);
-            pthread_mutex_unlock(&p->lock);
-            poll_once(n, slice);
-            pthread_mutex_lock(&p->lock);
-            __atomic_store_n(&p->polling, 0, __ATOMIC_RELEASE);
-            pthread_cond_broadcast(&p->progressed);
         } else {
-            struct timespec until;
-            clock_gettime(CLOCK_REALTIME, &until);
-            until.tv_nsec += (long)slice * 1000000L;
-            until.tv_sec += until.tv_nsec / 1000000000L;
-            until.tv_nsec %= 1000000000L;
-            pthread_cond_timedwait(&p->progressed, &p->lock, &until);
+            drive_or_wait(n, p, slice);
         }
         pthread_mutex_unlock(&p->lock);
     }

@@ -551,14 +551,7 @@ static void *pool_worker(void *arg)
             if (rc == 0 && req->durable)
                 rc = sync_fd(dev);
         }
-        req->result = rc;
-        finish(ring, req);
-
-        pthread_mutex_lock(&ring->mu);
-        push(&ring->done, &ring->done_tail, req);
-        pthread_cond_broadcast(&ring->cv);
-        pthread_mutex_unlock(&ring->mu);
-        signal_efd(ring->efd);
+        nx_ring_done(ring, req, rc);  /* the same hand-back as another backend's engine */
     }
 }
 
@@ -598,20 +591,16 @@ static void ring_free(struct nx_ring *ring)
     free(ring);
 }
 
-static int ring_open(struct nx_dev *dev, int mode, unsigned depth, unsigned threads,
-                     nx_ring_xfer xfer, void *xfer_ctx, struct nx_ring **out)
+/* A ring of `depth` free slots and its eventfd, in no mode yet (ring_free undoes it). */
+static int ring_alloc(struct nx_dev *dev, unsigned depth, struct nx_ring **out)
 {
     *out = NULL;
-    if (depth == 0 || depth > NX_RING_MAX_DEPTH || mode < NX_RING_ANY || mode > NX_RING_POOL)
+    if (depth == 0 || depth > NX_RING_MAX_DEPTH)
         return -EINVAL;
-    if (xfer == NULL && dev->fd < 0)
-        return -EBADF;
     struct nx_ring *ring = calloc(1, sizeof(*ring));
     if (ring == NULL)
         return -ENOMEM;
     ring->dev = dev;
-    ring->xfer = xfer;
-    ring->xfer_ctx = xfer_ctx;
     ring->depth = depth;
     ring->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     ring->slots = calloc(depth, sizeof(*ring->slots));
@@ -624,7 +613,25 @@ static int ring_open(struct nx_dev *dev, int mode, unsigned depth, unsigned thre
         ring->slots[i].next = ring->free;
         ring->free = &ring->slots[i];
     }
-    int rc = -ENOSYS;
+    *out = ring;
+    return 0;
+}
+
+static int ring_open(struct nx_dev *dev, int mode, unsigned depth, unsigned threads,
+                     nx_ring_xfer xfer, void *xfer_ctx, struct nx_ring **out)
+{
+    *out = NULL;
+    if (mode < NX_RING_ANY || mode > NX_RING_POOL)
+        return -EINVAL;
+    if (xfer == NULL && dev->fd < 0)
+        return -EBADF;
+    struct nx_ring *ring;
+    int rc = ring_alloc(dev, depth, &ring);
+    if (rc < 0)
+        return rc;
+    ring->xfer = xfer;
+    ring->xfer_ctx = xfer_ctx;
+    rc = -ENOSYS;
     if (mode != NX_RING_POOL) {
         rc = io_uring_queue_init(2 * depth, &ring->uring, 0);
         if (rc == 0) {
@@ -677,28 +684,13 @@ int nx_ring_open_xfer(struct nx_dev *dev, unsigned depth, unsigned threads, nx_r
 int nx_ring_open_async(struct nx_dev *dev, unsigned depth, const struct nx_ring_hooks *hooks,
                        void *ctx, struct nx_ring **out)
 {
-    *out = NULL;
-    if (depth == 0 || depth > NX_RING_MAX_DEPTH)
-        return -EINVAL;
-    struct nx_ring *ring = calloc(1, sizeof(*ring));
-    if (ring == NULL)
-        return -ENOMEM;
-    ring->dev = dev;
-    ring->depth = depth;
+    struct nx_ring *ring;
+    int rc = ring_alloc(dev, depth, &ring);  /* on failure ctx stays the caller's */
+    if (rc < 0)
+        return rc;
     ring->mode = NX_RING_CALLBACKS;
     pthread_mutex_init(&ring->mu, NULL);
     pthread_cond_init(&ring->cv, NULL);
-    ring->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    ring->slots = calloc(depth, sizeof(*ring->slots));
-    if (ring->efd < 0 || ring->slots == NULL) {
-        int err = ring->efd < 0 ? errno : ENOMEM;
-        ring_free(ring);  /* hooks_ctx still NULL: ctx stays the caller's */
-        return -err;
-    }
-    for (unsigned i = depth; i-- > 0;) {
-        ring->slots[i].next = ring->free;
-        ring->free = &ring->slots[i];
-    }
     ring->hooks = hooks;
     ring->hooks_ctx = ctx;
     *out = ring;

@@ -226,12 +226,7 @@ def markdown(result: dict[str, Any]) -> str:
     if rows:
         lines += ["", "| efficiency (same run) | ideal | NexFS ratio | target | met |",
                   "|---|---:|---:|---|---|"]
-        for e in rows:
-            verdict = {True: "yes", False: "**no**", None: "not measured"}[e["met"]]
-            ideal = "—" if e["ideal"] is None else f"{e['ideal']:,.0f}"
-            ratio = "—" if e["ratio"] is None else f"{e['ratio']:.2f}"
-            lines.append(f"| {e['workload']} vs {e['versus']} | {ideal} | {ratio} | "
-                         f"{e['target']} | {verdict} |")
+        lines += [_efficiency_row(f"{e['workload']} vs {e['versus']}", e) for e in rows]
     lines += _reference_tables(result["summary"])
     lines += ["", "| target | NexFS ratio | met |", "|---|---:|---|"]
     for t in result["summary"]["targets"]:
@@ -272,14 +267,18 @@ def _reference_tables(summary: dict[str, Any]) -> list[str]:
     if rows:
         lines += ["", "| reference's own efficiency (same run) | ideal | ratio | target | met |",
                   "|---|---:|---:|---|---|"]
-        for e in rows:
-            verdict = {True: "yes", False: "**no**", None: "not measured"}[e["met"]]
-            ideal = "—" if e["ideal"] is None else f"{e['ideal']:,.0f}"
-            ratio = "—" if e["ratio"] is None else f"{e['ratio']:.2f}"
-            versus = e["versus"].replace("NexFS's own", "its own")
-            lines.append(f"| {e['system']}: {e['workload']} vs {versus} | {ideal} | {ratio} | "
-                         f"{e['target']} | {verdict} |")
+        lines += [_efficiency_row(f"{e['system']}: {e['workload']} vs "
+                                  + e["versus"].replace("NexFS's own", "its own"), e)
+                  for e in rows]
     return lines
+
+
+def _efficiency_row(label: str, e: dict[str, Any]) -> str:
+    """One row of an efficiency table: the label, the ideal, the ratio, the target, met."""
+    verdict = {True: "yes", False: "**no**", None: "not measured"}[e["met"]]
+    ideal = "—" if e["ideal"] is None else f"{e['ideal']:,.0f}"
+    ratio = "—" if e["ratio"] is None else f"{e['ratio']:.2f}"
+    return f"| {label} | {ideal} | {ratio} | {e['target']} | {verdict} |"
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
