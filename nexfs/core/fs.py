@@ -33,6 +33,7 @@ from nexfs.core.inode_cache import InodeCache
 from nexfs.core.objects import LOST_FOUND_INO, ROOT_INO, SYMLINK_MAX, Objects
 from nexfs.ondisk.inode_record import DATA_AREA_SIZE, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
 from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.store.datapath import read_error
 from nexfs.store.failure import FailurePolicy
 from nexfs.store.store import Store
 from nexfs.types import CorruptionError, FsError, InodeNo
@@ -917,8 +918,7 @@ class FileSystem:
         the caller's errno, like ``DataPath.read``; the log says why)."""
         e = group.error
         if e is not None:
-            log.error("device error reading file data: %s", e)
-            raise FsError(e.errno or errno.EIO, f"reading file data: {e}") from e
+            raise read_error(e, "file data") from e
 
     @_reading
     def atime_due(self, ino: int) -> bool:

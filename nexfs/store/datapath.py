@@ -38,6 +38,14 @@ from nexfs.types import BlockNo, CorruptionError, FsError
 log = logging.getLogger(__name__)
 
 
+def read_error(e: OSError, what: str) -> FsError:
+    """The FsError for a device error reading file data, blocking or in flight: not an
+    ordinary failure (nothing changed, so no error state), quiet to the caller's errno, but
+    the log says why."""
+    log.error("device error reading %s: %s", what, e)
+    return FsError(e.errno or errno.EIO, f"reading {what}: {e}")
+
+
 class DataPath:
     """Reads and writes of file data blocks: data cache, write-behind, scratch buffers."""
 
@@ -117,9 +125,7 @@ class DataPath:
             # Acknowledged data never reached the device: that is a write failure.
             raise self.failures.device_error(e, f"reading data block {blkno}") from e
         except OSError as e:
-            # Not an ordinary failure: quiet to the caller's errno, but the log must say why.
-            log.error("device error reading data blocks %d+%d: %s", blkno, count, e)
-            raise FsError(e.errno or errno.EIO, f"reading data block {blkno}: {e}") from e
+            raise read_error(e, f"data blocks {blkno}+{count}") from e
 
     def attach_ring(self, ring: Any) -> DeviceReads | None:
         """Serve reads through the valve ring ``ring`` from now on (nexfs/store/inflight.py);
