@@ -111,21 +111,28 @@ class DataPath:
 
         A device error is returned as FsError(errno) without entering the error state (a
         failed read changes nothing)."""
+        self._ready_to_read(blkno, count)
+        view = self._grant.alloc(count) if into is None else memoryview(into).cast("B")
+        try:
+            self._cache.read(blkno, count, view)
+            return view
+        except OSError as e:
+            raise read_error(e, f"data blocks {blkno}+{count}") from e
+
+    def _ready_to_read(self, blkno: BlockNo, count: int) -> None:
+        """What every data read does before it touches the cache or the device: the range
+        check (a block outside the data area is corruption) and the wait for write-behind's
+        writes of the same blocks."""
         try:
             self._check_range(blkno, count)
         except CorruptionError as e:
             self.failures.failed(e)
             raise
-        view = self._grant.alloc(count) if into is None else memoryview(into).cast("B")
         try:
             self._wb.wait_overlapping(blkno, count)
-            self._cache.read(blkno, count, view)
-            return view
         except LostWriteError as e:
             # Acknowledged data never reached the device: that is a write failure.
             raise self.failures.device_error(e, f"reading data block {blkno}") from e
-        except OSError as e:
-            raise read_error(e, f"data blocks {blkno}+{count}") from e
 
     def attach_ring(self, ring: Any) -> DeviceReads | None:
         """Serve reads through the valve ring ``ring`` from now on (nexfs/store/inflight.py);
@@ -149,14 +156,7 @@ class DataPath:
         """The synchronous half of a read in flight: the checks, the write-behind wait, the
         cached blocks copied into ``into``; returns the device runs ``(blkno, count, into
         slice)`` left to read (nexfs/store/inflight.py)."""
-        try:
-            self._check_range(blkno, count)
-            self._wb.wait_overlapping(blkno, count)
-        except CorruptionError as e:
-            self.failures.failed(e)
-            raise
-        except LostWriteError as e:
-            raise self.failures.device_error(e, f"reading data block {blkno}") from e
+        self._ready_to_read(blkno, count)
         return [(blkno + i, j - i, into[i * BLOCK_SIZE : j * BLOCK_SIZE])
                 for i, j in self._cache.read_cached(blkno, count, into)]
 
