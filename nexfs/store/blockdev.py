@@ -185,13 +185,8 @@ class BlockDev:
         lba = self._lba(blkno, count)
         if memoryview(data).nbytes != count * BLOCK_SIZE:
             raise FsError(errno.EINVAL, f"write of {count} blocks at {blkno}: wrong size")
-        dev = self._wdev
-        if not self._wlo <= blkno <= self._whi - count:
-            for lo, hi, cap in self._more:
-                if lo <= blkno <= hi - count:
-                    dev = cap
-                    break
-        return cast(Capability, dev).block_write(lba, count * self.spb, data, ring=ring)
+        return cast(Capability, self._writer(blkno, count)).block_write(
+            lba, count * self.spb, data, ring=ring)
 
     def write_blocks(self, blkno: int, count: int, data: Any | Sequence[Any], *,
                      durable: bool = False) -> None:
@@ -203,13 +198,16 @@ class BlockDev:
             size = memoryview(cast(Any, data)).nbytes
         if size != count * BLOCK_SIZE:
             raise FsError(errno.EINVAL, f"write of {count} blocks at {blkno} given {size} bytes")
-        dev = self._wdev  # also when no window holds the range: its capability refuses it
+        self._writer(blkno, count).block_write(lba, count * self.spb, data, durable=durable)
+
+    def _writer(self, blkno: int, count: int) -> BlockDevice:
+        """The capability whose write window holds blocks ``blkno..+count``: the main one,
+        also when no window holds the range (its capability then refuses it)."""
         if not self._wlo <= blkno <= self._whi - count:
             for lo, hi, cap in self._more:
                 if lo <= blkno <= hi - count:
-                    dev = cap
-                    break
-        dev.block_write(lba, count * self.spb, data, durable=durable)
+                    return cap
+        return self._wdev
 
 
 Filler = Callable[[memoryview], None]
