@@ -17,10 +17,12 @@ come from one clock.  Neither of the user-space clocks is that clock:
 
 So :func:`now_ns` asks the kernel: it sets the times of a private pipe to "now"
 (``futimens(fd, NULL)``, which takes ``current_time()`` exactly as for a FUSE inode: pipefs,
-like FUSE, has no multigrain timestamps) and reads them back with ``fstat``.  Two system calls,
-0.75 us from Python, against 0.07 us for ``clock_gettime``; a metadata request costs 30 us or
-more.  Where that fails (no file descriptor left) it falls back to the coarse clock, which is
-right to within the floor's lead.
+like FUSE, has no multigrain timestamps) and reads them back with ``fstat``.  Two system calls:
+0.9 us from Python in a loop on an idle machine, against 0.08 us for ``clock_gettime``, but
+about 3.5 us per call in a busy mount (a SETATTR took 28 us with it and 24-25 us with the
+coarse clock in its place; docs/BENCHMARKS.md, round 3), so callers read it only when they
+stamp a time of their own.  Where it fails (no file descriptor left) it falls back to the
+coarse clock, which is right to within the floor's lead.
 
 The result is what the kernel would stamp now: a time taken after a kernel stamp is not
 earlier, and one taken before is not later (tests/test_fs_rights_times.py checks both

@@ -418,6 +418,16 @@ class FileSystem:
 
     @_reading
     def lookup(self, parent: int, name: bytes, ctx: Ctx) -> Attr:
+        attr = self.lookup_or_none(parent, name, ctx)
+        if attr is None:
+            raise FsError(errno.ENOENT)
+        return attr
+
+    @_reading
+    def lookup_or_none(self, parent: int, name: bytes, ctx: Ctx) -> Attr | None:
+        """:meth:`lookup`, with None for a name that does not exist: the LOOKUP of every file
+        ``tar`` extracts finds nothing, and an exception raised through the failure
+        boundary and caught again cost ~3 us of its ~12 (docs/BENCHMARKS.md, round 3)."""
         if name == b".":
             return self._attr(self._handle_inode(parent))
         directory = self._get_dir(parent)
@@ -425,9 +435,7 @@ class FileSystem:
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
         inode = self._find(directory, name)
-        if inode is None:
-            raise FsError(errno.ENOENT)
-        return self._attr(inode)
+        return self._attr(inode) if inode is not None else None
 
     def _handle_inode(self, ino: int) -> Inode:
         """The inode a file handle names (docs/DESIGN.md, "File handles"): the kernel asks for
@@ -798,7 +806,12 @@ class FileSystem:
         descriptor the caller opened for writing (ftruncate); the right to write was checked
         at that open, and on Linux survives a later chmod (even to mode 0)."""
         inode = self.inodes.get(ino)
-        now = _now()
+        # The clock only when a time is the daemon's to stamp: with the writeback cache the
+        # kernel sends its own ctime with every change to a regular file (and explicit
+        # times), so tar's three SETATTRs per file need no clock read (a pipe probe, ~3.5
+        # us of a ~28 us SETATTR under load: docs/BENCHMARKS.md, round 3).
+        now = (_now() if changes.size is not None or changes.ctime_ns is None
+               or changes.atime_ns == UTIME_NOW or changes.mtime_ns == UTIME_NOW else 0)
         if changes.mode is not None and not perms.is_owner(inode, ctx):
             raise FsError(errno.EPERM)
         if changes.uid is not None and changes.uid != inode.uid and ctx.uid != 0:

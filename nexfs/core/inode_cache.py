@@ -29,6 +29,7 @@ from nexfs.types import BlockNo, FsError, InodeNo
 if TYPE_CHECKING:
     from nexfs.core.acl import Acl
     from nexfs.core.filedata import FileData
+    from nexfs.ondisk.dirindex import DirIndex
     from nexfs.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class InodeCache:
         # (absent: not read yet; an empty tuple: none).  Kept up to date by the filesystem
         # and dropped with the inode like the data handle.
         self.acls: dict[int, Acl] = {}
+        # The directory index handle of each cached directory (Objects.dir_index), with the
+        # decoded inode it was made for; dropped with the inode like the data handle.
+        self.dir_handles: dict[int, tuple[Inode, DirIndex]] = {}
 
     def get(self, ino: int) -> Inode:
         """The inode ``ino``; FsError(ENOENT) if it is not allocated (a stale number)."""
@@ -99,6 +103,7 @@ class InodeCache:
         self._dirty.pop(ino, None)
         self.data_handles.pop(ino, None)
         self.acls.pop(ino, None)
+        self.dir_handles.pop(ino, None)
 
     def flush(self) -> None:
         """Encode every dirty inode into its table slot (joins the running transaction)."""
@@ -115,6 +120,7 @@ class InodeCache:
             self._lru.pop(ino, None)
             self.data_handles.pop(ino, None)
             self.acls.pop(ino, None)
+            self.dir_handles.pop(ino, None)
         self._dirty.clear()
 
     def clear(self) -> None:
@@ -122,6 +128,7 @@ class InodeCache:
         self._dirty.clear()
         self.data_handles.clear()
         self.acls.clear()
+        self.dir_handles.clear()
 
     def _insert(self, inode: Inode) -> None:
         self._lru[inode.ino] = inode
@@ -137,6 +144,7 @@ class InodeCache:
             del self._lru[ino]
             self.data_handles.pop(ino, None)
             self.acls.pop(ino, None)
+            self.dir_handles.pop(ino, None)
             del old
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from nexfs.core.filedata import FileData
 from nexfs.core.inode_cache import InodeCache, OwnedStore
-from nexfs.ondisk.dirindex import DirIndex
+from nexfs.ondisk.dirindex import DirIndex, keyed_hash
 from nexfs.ondisk.extents import ExtentMap
 from nexfs.ondisk.inode_record import DIR_ROOT, INODE_FLAG_INLINE, INODE_FLAG_ORPHAN, Inode
 from nexfs.ondisk.layout import LOST_FOUND_INODE, ROOT_INODE
@@ -143,6 +143,7 @@ class Objects:
         # use by one walk of the list; see orphan_links.  None again after a failure.
         self._orphan_prev: dict[int, int] | None = None
         store.failures.on_error(self._forget_uncommitted)
+        self._name_hash = keyed_hash(store.sb.hash_key)  # one per volume (it memoizes)
 
     def _forget_uncommitted(self) -> None:
         # The store discarded its running transaction: decoded inodes changed since the
@@ -184,7 +185,18 @@ class Objects:
         """The bare index of directory ``inode``; call :meth:`dir_changed` after changing it
         (or use :meth:`directory`, which does)."""
         (root,) = DIR_ROOT.unpack_from(inode.area, 0)
-        return DirIndex(self.owned(inode), InodeNo(inode.ino), root, self.store.sb.hash_key)
+        # Kept while the inode is cached, like the data handle: building the index (its
+        # owned view of the store, its B+tree) was ~2 us, and LOOKUP, CREATE and UNLINK each
+        # build one or two.  It holds no entries, only the root, which is checked against
+        # the inode's (an operation that failed after changing the tree leaves them apart).
+        handles = self.inodes.dir_handles
+        held = handles.get(inode.ino)
+        if held is not None and held[0] is inode and held[1].root == root:
+            return held[1]
+        index = DirIndex(self.owned(inode), InodeNo(inode.ino), root, b"",
+                         hash_fn=self._name_hash)
+        handles[inode.ino] = (inode, index)
+        return index
 
     def dir_changed(self, inode: Inode, index: DirIndex | None = None) -> None:
         """Write ``index``'s root (if given) and the directory's size back into ``inode``."""

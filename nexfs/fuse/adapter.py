@@ -284,10 +284,13 @@ class FuseAdapter(pyfuse3.Operations):
     def lookup(self, parent_inode: int, name: bytes,
                ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
-            attr = self.fs.lookup(parent_inode, name, self._ctx(ctx))
+            attr = self.fs.lookup_or_none(parent_inode, name, self._ctx(ctx))
         except FsError as exc:
+            # ENOENT for "." of an inode number with no name left (a stale file handle)
             if exc.errno != errno.ENOENT or isinstance(exc, CorruptionError):
                 raise
+            attr = None
+        if attr is None:
             # A negative entry (st_ino 0) lets the kernel cache "no such name" for
             # ENTRY_TIMEOUT; creating the name through the kernel replaces it.
             negative = pyfuse3.EntryAttributes()

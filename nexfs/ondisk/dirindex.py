@@ -43,13 +43,24 @@ HashFn = Callable[[bytes], int]
 
 
 def keyed_hash(hash_key: bytes) -> HashFn:
-    """The name hash of a volume: blake2b-64 keyed with ``hash_key``, cut to 47 bits."""
+    """The name hash of a volume: blake2b-64 keyed with ``hash_key``, cut to 47 bits.
+
+    The keyed state is set up once and copied per name (0.59 against 0.83 us), and the
+    last name's hash is remembered: a new file's name is hashed by the LOOKUP that finds it
+    absent, by the CREATE's name check and by its insert, one after the other."""
     from_bytes = int.from_bytes
-    blake2b = hashlib.blake2b
+    keyed = hashlib.blake2b(digest_size=8, key=hash_key)
+    last_name, last_hash = b"", 0  # (b"" is never a valid name)
 
     def h(name: bytes) -> int:
-        return from_bytes(blake2b(name, digest_size=8, key=hash_key).digest(), "little") \
-            & _HASH_MASK
+        nonlocal last_name, last_hash
+        if name == last_name:
+            return last_hash
+        state = keyed.copy()
+        state.update(name)
+        last_hash = from_bytes(state.digest(), "little") & _HASH_MASK
+        last_name = bytes(name)
+        return last_hash
 
     return h
 

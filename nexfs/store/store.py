@@ -38,7 +38,7 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -146,6 +146,34 @@ class Reservation:
     def __exit__(self, *exc: object) -> None:
         if self._outer:
             self._store._end_reservation(self)
+
+
+class OperationScope:
+    """The context manager :meth:`Store.operation` returns.  A class rather than a
+    ``contextlib.contextmanager`` generator: every mutating request enters one, and the
+    generator's set-up and tear-down were about 1.5 us of a 20-30 us request
+    (docs/BENCHMARKS.md, round 3)."""
+
+    __slots__ = ("_created", "_store")
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._created = False
+
+    def __enter__(self) -> Reservation:
+        store = self._store
+        op = store._op
+        if op is None:  # (else a reservation taken outside joins it)
+            op = store._op = Reservation(store, outer=False)
+            self._created = True
+        store._op_depth += 1
+        return op
+
+    def __exit__(self, *exc: object) -> None:
+        store = self._store
+        store._op_depth -= 1
+        if self._created:
+            store._op = None
 
 
 class Store:
@@ -748,22 +776,13 @@ class Store:
         return (st.free_blocks - self.blocks.pending_count - held_b >= nblocks
                 and st.free_inodes - held_i >= ninodes)
 
-    @contextlib.contextmanager
-    def operation(self) -> Iterator[Reservation]:
+    def operation(self) -> OperationScope:
         """One filesystem operation: it starts with an empty reservation, takes its one
         reservation with :meth:`reserve` before it changes anything, and every allocation
         inside draws from it (beyond it: :class:`ReservationError`).  What is left is
-        released at the end.  Nested scopes belong to the outer operation."""
-        created = self._op is None  # (else a reservation taken outside joins it)
-        if created:
-            self._op = Reservation(self, outer=False)
-        self._op_depth += 1
-        try:
-            yield cast(Reservation, self._op)
-        finally:
-            self._op_depth -= 1
-            if created:
-                self._op = None
+        released at the end.  Nested scopes belong to the outer operation.  Use as
+        ``with store.operation() as reservation: ...``."""
+        return OperationScope(self)
 
     @_guarded
     def reserve(self, nblocks: int, ninodes: int = 0) -> Reservation:
