@@ -6,10 +6,11 @@ the daemon with ``py-spy record -r RATE -f raw`` and read, over the job, the dae
 (``utime + stime`` of ``/proc/PID/stat``) per request and ``nexfs stats``' per-op mean.  The
 samples are put in buckets by the innermost NexFS frame of each stack:
 
-* ``adapter`` (nexfs/fuse/), ``fs+filedata`` (nexfs/core/), ``extents`` (nexfs/ondisk/),
-  ``datacache`` (datacache.py), ``datapath`` (the rest of nexfs/store/), ``valve+cffi``
-  (valve/, native/), and ``pyfuse3+trio`` for stacks with no NexFS frame at all (the
-  request loop, its system calls, idle polls).
+* ``adapter`` (nexfs/fuse/ but the loop), ``fs+filedata`` (nexfs/core/), ``extents``
+  (nexfs/ondisk/), ``datacache`` (datacache.py), ``datapath`` (the rest of nexfs/store/),
+  ``valve+cffi`` (valve/, native/), ``fuse loop`` (nexfs/fuse/loop.py: the poll of /dev/fuse), and
+  ``pyfuse3+trio`` for stacks with no NexFS frame at all (pyfuse3's receive and reply,
+  trio's scheduling).
 
 A benchmark, not a test.  Usage (root)::
 
@@ -31,13 +32,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BUCKETS = ("adapter", "fs+filedata", "extents", "datacache", "datapath", "valve+cffi",
-           "pyfuse3+trio")
+           "fuse loop", "pyfuse3+trio")
 
 
 def _bucket(stack: str) -> str:
     frames = stack.split(";")
     for frame in reversed(frames):
         # py-spy names files relative to sys.path: "(nexfs/store/datacache.py:81)".
+        if "nexfs/fuse/loop.py" in frame:
+            return "fuse loop"
         if "valve/" in frame or "native/" in frame or "_cffi" in frame:
             return "valve+cffi"
         if "nexfs/store/datacache.py" in frame:
@@ -80,7 +83,7 @@ def _mounted(mnt: Path) -> bool:
 
 
 def one(tree: Path, work: Path, size: str, runtime: float, jobs: list[str], rate: int,
-        native: bool, warm: bool) -> dict[str, dict]:
+        native: bool, warm: bool, keep: Path | None = None) -> dict[str, dict]:
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
     img, mnt = work / "p.img", work / "mnt"
     mnt.mkdir(exist_ok=True)
@@ -138,6 +141,8 @@ def one(tree: Path, work: Path, size: str, runtime: float, jobs: list[str], rate
                         f"{op}_mean_us": None if mean is None else round(mean, 1),
                         "data_cache": after.get("caches", {}).get("data"),
                         "shares": shares(raw.read_text()) if raw.exists() else {}}
+            if keep is not None and raw.exists():
+                shutil.copy(raw, keep / f"{tree.name}-{job}.raw")
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
         proc.wait(timeout=60)
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", type=float, default=5)
     ap.add_argument("--rate", type=int, default=2000)
     ap.add_argument("--native", action="store_true")
+    ap.add_argument("--keep", type=Path, help="copy py-spy's raw stacks into this directory")
     ap.add_argument("--warm", action="store_true",
                     help="read the file once in 4 KiB requests before the jobs")
     ap.add_argument("--dir", default="/var/tmp")
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             trees = args.tree if r % 2 == 0 else list(reversed(args.tree))
             for tree in trees:
                 got = one(tree.resolve(), work, args.file_size, args.runtime, args.jobs,
-                          args.rate, args.native, args.warm)
+                          args.rate, args.native, args.warm, args.keep)
                 print(json.dumps({"round": r, "tree": str(tree), **got}), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

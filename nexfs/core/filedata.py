@@ -19,6 +19,7 @@ from nexfs.ondisk.bitmap import BPB
 from nexfs.ondisk.extents import MAX_FILE_BLOCKS, ExtentMap
 from nexfs.ondisk.inode_record import Inode
 from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.store.datacache import HOT_BLOCKS
 from nexfs.store.inflight import BUFFER_BLOCKS, ReadGroup
 from nexfs.types import BlockNo, FsError, InodeNo
 
@@ -79,11 +80,14 @@ class FileData:
             return None
         end = min(offset + size, file_size)
         first = offset // BLOCK_SIZE
+        count = (end - 1) // BLOCK_SIZE - first + 1
+        if count > HOT_BLOCKS:
+            return None
         extents = self._packed if self._packed_at == self.emap.changes else self._extents()
         if extents is None:
             return None
-        return self.store.data.read_hot(extents, first, (end - 1) // BLOCK_SIZE - first + 1,
-                                        offset - first * BLOCK_SIZE, end - offset)
+        return self.store.data.read_hot(extents, first, count, offset - first * BLOCK_SIZE,
+                                        end - offset)
 
     # -- reading ----------------------------------------------------------------------------
 
