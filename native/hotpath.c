@@ -341,6 +341,7 @@ int nx_dc_read_hot(struct nx_dcache *dc, const struct nx_extent *ext, unsigned n
         lru_to_end(dc, slot[k]);
     }
     dc->hits += count;
+    dc->short_reads++;
     return (int)count;
 }
 
@@ -377,5 +378,6 @@ int nx_dc_write_hot(struct nx_dcache *dc, const struct nx_extent *ext, unsigned 
         if (k + 1 == count || run[k + 1] != run[k])
             nx_dc_evict(dc, capacity);
     }
+    dc->short_writes++;
     return (int)count;
 }

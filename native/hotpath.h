@@ -45,6 +45,8 @@ struct nx_dcache {
     unsigned mask;           /* index size - 1 (a power of two, at least 2 * slots) */
     uint64_t hits;           /* blocks served from memory (nexfs stats) */
     uint64_t misses;         /* blocks looked up and not found */
+    uint64_t short_reads;    /* requests served by nx_dc_read_hot */
+    uint64_t short_writes;   /* requests served by nx_dc_write_hot */
     unsigned char *arena;    /* slot i: arena + i * NX_DC_BLOCK, aligned to 4096 */
     uint64_t *key;           /* index: block number + 1 of each entry, 0 = empty */
     int32_t *val;            /* index: the entry's slot */

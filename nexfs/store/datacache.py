@@ -120,6 +120,16 @@ class DataCache:
         """Blocks looked up and not found (read from the device)."""
         return int(self._dc.misses)
 
+    @property
+    def short_reads(self) -> int:
+        """Requests served by the short path's read (:meth:`read_hot`)."""
+        return int(self._dc.short_reads)
+
+    @property
+    def short_writes(self) -> int:
+        """Requests served by the short path's write (:meth:`write_hot`)."""
+        return int(self._dc.short_writes)
+
     def __len__(self) -> int:
         return int(self._dc.used)
 

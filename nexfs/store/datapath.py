@@ -74,10 +74,12 @@ class DataPath:
         """The data cache's part of ``nexfs stats``: blocks small reads found in memory
         (hits) and did not (misses: read from the device, by a blocking read that fills the
         cache or by a read in flight that does not), blocks of large reads that never look
-        (bypassed), and its size."""
+        (bypassed), and its size; and the requests the short path served whole (one call
+        into C: nexfs/store/datacache.py)."""
         c = self._cache
         return {"hits": c.hits, "misses": c.misses, "bypassed": c.bypassed, "blocks": len(c),
-                "capacity": c.capacity, "dirty": c.dirty_count}
+                "capacity": c.capacity, "dirty": c.dirty_count,
+                "short_reads": c.short_reads, "short_writes": c.short_writes}
 
     @property
     def pending(self) -> bool:
