@@ -16,6 +16,8 @@ static inline unsigned hash_of(uint64_t blk, unsigned mask)
     return (unsigned)((blk * 0x9E3779B97F4A7C15ull) >> 32) & mask;
 }
 
+static inline unsigned index_pos(const struct nx_dcache *dc, uint64_t blk, int *found);
+
 int nx_dc_open(unsigned capacity, unsigned slack, struct nx_dcache **out)
 {
     uint64_t slots = (uint64_t)capacity + slack;
@@ -43,7 +45,10 @@ int nx_dc_open(unsigned capacity, unsigned slack, struct nx_dcache **out)
         nx_dc_close(dc);
         return -ENOMEM;
     }
-    nx_dc_clear(dc);
+    /* calloc's memory reads as zeros: the index is empty, no slot is used. */
+    dc->free_head = -1;
+    dc->fresh = 0;
+    dc->head = dc->tail = -1;
     *out = dc;
     return 0;
 }
@@ -64,11 +69,21 @@ void nx_dc_close(struct nx_dcache *dc)
 
 void nx_dc_clear(struct nx_dcache *dc)
 {
-    memset(dc->key, 0, ((size_t)dc->mask + 1) * sizeof(*dc->key));
-    memset(dc->flags, 0, dc->slots);
-    for (unsigned i = 0; i < dc->slots; i++)
-        dc->next[i] = i + 1 < dc->slots ? (int32_t)(i + 1) : -1;
-    dc->free_head = 0;
+    /* Only what was ever used can be set: the index entries of the held blocks, and the
+     * flags of slots below `fresh`. */
+    int32_t s;
+    /* Find every entry first (prev[] as scratch: the list is reset below), then empty them:
+     * emptying while looking would break the probe chains of the entries not yet found. */
+    for (s = dc->head; s >= 0; s = dc->next[s]) {
+        int found;
+        dc->prev[s] = (int32_t)index_pos(dc, dc->blk[s], &found);
+        (void)found;
+    }
+    for (s = dc->head; s >= 0; s = dc->next[s])
+        dc->key[dc->prev[s]] = 0;
+    memset(dc->flags, 0, dc->fresh);
+    dc->free_head = -1;
+    dc->fresh = 0;
     dc->head = dc->tail = -1;
     dc->used = dc->dirty = 0;
 }
@@ -174,9 +189,12 @@ int nx_dc_put(struct nx_dcache *dc, uint64_t blk, const void *data, int dirty)
         lru_to_end(dc, s);
     } else {
         s = dc->free_head;
-        if (s < 0)
+        if (s >= 0)
+            dc->free_head = dc->next[s];
+        else if (dc->fresh < dc->slots)
+            s = (int32_t)dc->fresh++;
+        else
             return -ENOSPC;
-        dc->free_head = dc->next[s];
         dc->key[i] = blk + 1;
         dc->val[i] = s;
         dc->blk[s] = blk;
@@ -226,7 +244,7 @@ unsigned nx_dc_drop_range(struct nx_dcache *dc, uint64_t first, uint64_t count)
         return n;
     }
     /* A long range (a large file's truncate): walk what is held instead. */
-    for (unsigned s = 0; s < dc->slots; s++) {
+    for (unsigned s = 0; s < dc->fresh; s++) {
         if ((dc->flags[s] & F_USED) && dc->blk[s] >= first && dc->blk[s] - first < count)
             n += (unsigned)nx_dc_drop(dc, dc->blk[s]);
     }
@@ -259,7 +277,7 @@ static int cmp_u64(const void *a, const void *b)
 unsigned nx_dc_dirty_list(const struct nx_dcache *dc, uint64_t *out, unsigned max)
 {
     unsigned n = 0;
-    for (unsigned s = 0; s < dc->slots && n < max; s++) {
+    for (unsigned s = 0; s < dc->fresh && n < max; s++) {
         if (dc->flags[s] & F_DIRTY)
             out[n++] = dc->blk[s];
     }

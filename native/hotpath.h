@@ -55,10 +55,13 @@ struct nx_dcache {
     int32_t *next;
     unsigned char *flags;    /* per slot: 1 used, 2 dirty */
     int32_t head, tail;      /* the LRU list */
-    int32_t free_head;       /* unused slots, chained through next */
+    int32_t free_head;       /* slots freed by a drop, chained through next (-1 ends) */
+    unsigned fresh;          /* slots fresh..slots-1 were never used (taken in order) */
 };
 
-/* A cache of `capacity` + `slack` slots; 0 and *out set, or -ENOMEM / -EINVAL. */
+/* A cache of `capacity` + `slack` slots; 0 and *out set, or -ENOMEM / -EINVAL.  Nothing
+ * is touched here beyond the struct: the arena, the index and the per-slot arrays are
+ * zero pages until used, so a large cache costs memory only as it fills. */
 int nx_dc_open(unsigned capacity, unsigned slack, struct nx_dcache **out);
 void nx_dc_close(struct nx_dcache *dc);
 

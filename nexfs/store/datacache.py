@@ -38,11 +38,13 @@ changed nothing when the request is anything else, and the caller takes the gene
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from native import ffi, lib
 from nexfs.ondisk.metablock import BLOCK_SIZE
 from nexfs.store.blockdev import RUN_MAX, copy_filler, write_runs
+from nexfs.types import FsError
 
 if TYPE_CHECKING:
     from nexfs.store.blockdev import BlockDev
@@ -94,7 +96,10 @@ class DataCache:
         out = ffi.new("struct nx_dcache **")
         rc = lib.nx_dc_open(capacity, SLACK, out)
         if rc < 0:
-            raise MemoryError(f"data cache of {capacity} blocks: error {-rc}")
+            # Its address space is reserved here (filled only as it is used): a size beyond
+            # what the machine can reserve is refused at mount, as a mistake, not a crash.
+            raise FsError(-rc, f"a data cache of {capacity * BLOCK_SIZE >> 20} MiB cannot be "
+                               f"reserved ({os.strerror(-rc)}): choose a smaller data_cache")
         self._dc = ffi.gc(out[0], lib.nx_dc_close)
         self._slots = self._dc.slots
         self._arena = memoryview(ffi.buffer(self._dc.arena, self._slots * BLOCK_SIZE))
