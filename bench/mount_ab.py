@@ -35,6 +35,8 @@ from nbdserve import served  # bench/, this script's directory
 
 HERE = Path(__file__).resolve().parent
 JOBS = ("randread-4k-qd1", "randread-4k-4jobs", "randwrite-4k-qd1", "randwrite-4k-4jobs")
+EXTRA_JOBS = ("seq-read-1m", "seq-write-1m")
+"""Also runnable with ``--jobs`` (not by default)."""
 
 
 def _env(tree: Path) -> dict[str, str]:
@@ -82,15 +84,15 @@ def _volume(tree: Path, work: Path, nbd: bool) -> Iterator[str]:
 
 
 def one_round(tree: Path, work: Path, size: str, runtime: float, nbd: bool = False,
-              jobs: Sequence[str] = JOBS) -> dict[str, float]:
+              jobs: Sequence[str] = JOBS, warm: bool = False) -> dict[str, float]:
     mnt, log = work / "mnt", work / "mount.log"
     mnt.mkdir(exist_ok=True)
     with _volume(tree, work, nbd) as volume:
-        return _measure(tree, volume, mnt, log, size, runtime, jobs)
+        return _measure(tree, volume, mnt, log, size, runtime, jobs, warm)
 
 
 def _measure(tree: Path, volume: str, mnt: Path, log: Path, size: str, runtime: float,
-             jobs: Sequence[str]) -> dict[str, float]:
+             jobs: Sequence[str], warm: bool = False) -> dict[str, float]:
     py = sys.executable
     with open(log, "w") as logf:
         proc = subprocess.Popen([py, str(tree / "mount.py"), volume, str(mnt), "--foreground"],
@@ -105,6 +107,12 @@ def _measure(tree: Path, volume: str, mnt: Path, log: Path, size: str, runtime: 
         subprocess.run(["fio", "--name=fill", f"--filename={data}", f"--size={size}",
                         "--rw=write", "--bs=1m", "--direct=1", "--ioengine=psync",
                         "--end_fsync=1"], check=True, capture_output=True)
+        if warm:
+            # The 1 MiB writes bypass the data cache: one pass of 4 KiB reads puts a file
+            # smaller than the cache in it (the "hot" figures).
+            subprocess.run(["fio", "--name=warm", f"--filename={data}", f"--size={size}",
+                            "--rw=read", "--bs=4k", "--direct=1", "--ioengine=psync"],
+                           check=True, capture_output=True)
         return {job: _fio(job, data, size, runtime) for job in jobs}
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
@@ -122,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write every sample here")
     ap.add_argument("--nbd", action="store_true",
                     help="the volume is an NBD export (nbdkit file plugin, Unix socket)")
-    ap.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS),
-                    help="the fio jobs to run (default: all)")
+    ap.add_argument("--jobs", nargs="+", choices=JOBS + EXTRA_JOBS, default=list(JOBS),
+                    help="the fio jobs to run (default: the four random ones)")
+    ap.add_argument("--warm", action="store_true",
+                    help="read the file once in 4 KiB requests before the jobs (hot figures: "
+                         "use a --size below the data cache's 64 MiB)")
     args = ap.parse_args(argv)
     trees = {"old": args.old.resolve(), "new": args.new.resolve()}
     jobs: list[str] = args.jobs
@@ -133,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             order = ("old", "new") if run % 2 == 0 else ("new", "old")
             for name in order:
-                got = one_round(trees[name], work, args.size, args.runtime, args.nbd, jobs)
+                got = one_round(trees[name], work, args.size, args.runtime, args.nbd, jobs,
+                                args.warm)
                 for job, iops in got.items():
                     samples[name][job].append(iops)
                 print(f"run {run} {name}: " + ", ".join(f"{j} {v:.0f}" for j, v in got.items()),

@@ -17,6 +17,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "nexfs_core.h")
 #: The NBD backend (libnbd) has its own header and C file, so nexfs_core.c stays local-only.
 NBD_HEADER = os.path.join(HERE, "nbd_backend.h")
+#: The data cache's blocks and the hot requests' short path (nexfs/store/datacache.py).
+HOT_HEADER = os.path.join(HERE, "hotpath.h")
 
 
 def _cdef_from_header(path: str) -> str:
@@ -40,12 +42,14 @@ ffibuilder = FFI()
 ffibuilder.cdef("struct iovec { void *iov_base; size_t iov_len; ...; };")
 ffibuilder.cdef(_cdef_from_header(HEADER))
 ffibuilder.cdef(_cdef_from_header(NBD_HEADER))
+ffibuilder.cdef(_cdef_from_header(HOT_HEADER))
 ffibuilder.set_source(
     "native._core",
-    '#include "nexfs_core.h"\n#include "nbd_backend.h"',
+    '#include "nexfs_core.h"\n#include "nbd_backend.h"\n#include "hotpath.h"',
     sources=[
         _relative(os.path.join(HERE, "nexfs_core.c")),
         _relative(os.path.join(HERE, "nbd_backend.c")),
+        _relative(os.path.join(HERE, "hotpath.c")),
     ],
     include_dirs=[_relative(HERE)],
     # io_uring for the asynchronous ring (Debian: liburing-dev to build, liburing2 to run);

@@ -354,6 +354,8 @@ def test_failing_handler_answers_eio_and_mount_stays_up(mounter: Mounter,
     (["{img}", "{mnt}", "-o", "frobnicate"], "unknown mount option"),
     (["{img}", "{mnt}", "-o", "cache_size=lots"], "cache_size"),
     (["{img}", "{mnt}", "-o", "data_cache=-1"], "data_cache"),
+    # More than this machine can reserve (the data cache's arena is reserved at mount).
+    (["{img}", "{mnt}", "-o", "data_cache=1T"], "choose a smaller data_cache"),
     (["{img}", "{mnt}", "-o", "commit=soon"], "commit=soon"),
 ])
 def test_user_mistakes_are_one_line(tmp_path: Path, mounter: Mounter, args: list[str],

@@ -19,28 +19,75 @@ from nexfs.ondisk.bitmap import BPB
 from nexfs.ondisk.extents import MAX_FILE_BLOCKS, ExtentMap
 from nexfs.ondisk.inode_record import Inode
 from nexfs.ondisk.metablock import BLOCK_SIZE
+from nexfs.store.datacache import HOT_BLOCKS
 from nexfs.store.inflight import BUFFER_BLOCKS, ReadGroup
 from nexfs.types import BlockNo, FsError, InodeNo
 
 if TYPE_CHECKING:
     from nexfs.core.inode_cache import OwnedStore
+    from nexfs.store.datacache import Extents
     from nexfs.store.inflight import DeviceReads
     from nexfs.store.store import Store
 
 MAX_FILE_SIZE = MAX_FILE_BLOCKS * BLOCK_SIZE
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 
+PACK_PER_NODE = 32
+"""A tree-mapped file's runs are packed for the short path only after this many requests
+per tree block were refused for want of a current copy: a file whose map keeps changing
+(writes into holes) then pays at most about what the refused requests' lookups cost."""
+
 
 class FileData:
     """The data of one inode (regular file or long symlink)."""
 
-    __slots__ = ("emap", "inode", "owned", "store")
+    __slots__ = ("_packed", "_packed_at", "_refused", "emap", "inode", "owned", "store")
 
     def __init__(self, store: Store, owned: OwnedStore, inode: Inode, on_change) -> None:
         self.store = store
         self.owned = owned
         self.inode = inode
         self.emap = ExtentMap(owned, InodeNo(inode.ino), inode.area, lambda: on_change(inode))
+        # The short path's copy of the extent runs (packed for C), current while
+        # emap.changes == _packed_at; _refused counts requests refused for want of it.
+        self._packed: Extents | None = None
+        self._packed_at = -1
+        self._refused = 0
+
+    # -- the short path ---------------------------------------------------------------------
+
+    def _extents(self) -> Extents | None:
+        """The extent runs packed for the short path, rebuilt after a change of the map, or
+        None while a tree-mapped file is not worth packing yet (PACK_PER_NODE)."""
+        emap = self.emap
+        if self._packed_at == emap.changes:
+            return self._packed
+        if not emap.is_inline:
+            self._refused += 1
+            if self._refused < emap.tree_blocks() * PACK_PER_NODE:
+                return None
+        self._packed = self.store.data.pack(list(emap.extents()))
+        self._packed_at = emap.changes
+        self._refused = 0
+        return self._packed
+
+    def read_hot(self, offset: int, size: int) -> memoryview | None:
+        """:meth:`read` in one call into C when every block is mapped and in the data
+        cache: a view of the reply buffer (nexfs/store/datapath.py, ``read_hot``); None
+        (nothing changed) for anything else: at or past end of file, holes, misses."""
+        file_size = self.inode.size
+        if offset >= file_size or size <= 0 or offset < 0:
+            return None
+        end = min(offset + size, file_size)
+        first = offset // BLOCK_SIZE
+        count = (end - 1) // BLOCK_SIZE - first + 1
+        if count > HOT_BLOCKS:
+            return None
+        extents = self._packed if self._packed_at == self.emap.changes else self._extents()
+        if extents is None:
+            return None
+        return self.store.data.read_hot(extents, first, count, offset - first * BLOCK_SIZE,
+                                        end - offset)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -115,8 +162,13 @@ class FileData:
                 and self.store.data.caches(length // BLOCK_SIZE)):
             # The hot case (a 4 KiB overwrite of written blocks): no partial block to read
             # around, no hole, no size change, so the data goes to the data cache as it
-            # came, without the copy into a scratch buffer.
+            # came, without the copy into a scratch buffer: in one call into C when the
+            # data path can take it so (nexfs/store/datapath.py, ``write_hot``).
             count = length // BLOCK_SIZE
+            extents = self._packed if self._packed_at == self.emap.changes else self._extents()
+            if extents is not None and self.store.data.write_hot(
+                    extents, offset // BLOCK_SIZE, count, data):
+                return length
             runs = self.emap.map(offset // BLOCK_SIZE, count)
             if len(runs) == 1 and runs[0][1]:
                 self.store.data.write(BlockNo(runs[0][1]), count, data)

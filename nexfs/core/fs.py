@@ -916,6 +916,19 @@ class FileSystem:
         return data
 
     @_reading
+    def read_hot(self, ino: int, offset: int, size: int) -> memoryview | None:
+        """:meth:`read` when every block is mapped and in the data cache (one call into
+        C: ``FileData.read_hot``): a view that is valid until the next read; None (nothing
+        changed) for anything else, which :meth:`read` then serves with its errors."""
+        inode = self.inodes.get(ino)
+        if not inode.is_reg:
+            return None
+        data = self.objects.data(inode).read_hot(offset, size)
+        if data is not None:
+            self._note_access(inode)
+        return data
+
+    @_reading
     def read_start(self, ino: int, offset: int, size: int,
                    reads: DeviceReads) -> bytes | tuple[memoryview, ReadGroup, int, int] | None:
         """:meth:`read` with its device part left in flight (``FileData.read_start``)."""

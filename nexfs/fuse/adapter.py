@@ -480,7 +480,7 @@ class FuseAdapter(pyfuse3.Operations):
         return buf[lo : lo + length]
 
     def _read_start(self, fh: int, off: int,
-                    size: int) -> bytes | tuple[memoryview, ReadGroup, int, int]:
+                    size: int) -> bytes | memoryview | tuple[memoryview, ReadGroup, int, int]:
         """The core's part of ``read``: all of it, or all but the device reads in flight."""
         ino = self._handle(fh)[0]
         if ino in self._direct_open and fh not in self._direct:
@@ -489,6 +489,12 @@ class FuseAdapter(pyfuse3.Operations):
             # rare page-cache fill through such a handle, docs/DESIGN.md, is not counted,
             # so that mixed O_DIRECT reads and writes cost nothing extra.)
             self._read_since_inval.add(ino)
+        # The short path: every block mapped and in the data cache, one call into C; the
+        # reply is a view of the data cache's reply buffer, sent before any other request
+        # runs.
+        hot = self.fs.read_hot(ino, off, size)
+        if hot is not None:
+            return hot
         reads = self.fs.store.data.reads
         if reads is not None:
             # Alone, a read blocks: waiting on the ring costs a wake-up and a pass through

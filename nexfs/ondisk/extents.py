@@ -73,6 +73,10 @@ class ExtentMap:
         self.on_change = on_change
         self.goal = goal
         self._nblocks: int | None = getattr(store, "nblocks", None)
+        # Bumped by every change (in _save, which every change ends with): copies of the
+        # map kept elsewhere (the short path's packed runs, nexfs/core/filedata.py) are
+        # current while it has not moved.
+        self.changes = 0
         mode, count, reserved, nodes, root = AREA_HEADER.unpack_from(area, 0)
         self._tree: BTree | None = None
         self._nodes = nodes
@@ -150,6 +154,7 @@ class ExtentMap:
                 EXTENT.pack_into(area, pos, lb, n, p)
                 pos += EXTENT.size
             area[pos:] = bytes(AREA_SIZE - pos)
+        self.changes += 1
         self.on_change()
 
     # Primitive record operations, for both representations.

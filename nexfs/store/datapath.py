@@ -29,7 +29,7 @@ from typing import Any
 from nexfs.ondisk.layout import Geometry
 from nexfs.ondisk.metablock import BLOCK_SIZE
 from nexfs.store.blockdev import BlockDev
-from nexfs.store.datacache import DEFAULT_BLOCKS, DataCache
+from nexfs.store.datacache import DEFAULT_BLOCKS, DataCache, Extents
 from nexfs.store.failure import FailurePolicy, boundary
 from nexfs.store.inflight import DeviceReads
 from nexfs.store.writebehind import BUFFER_BYTES, LostWriteError, WriteBehind
@@ -74,10 +74,12 @@ class DataPath:
         """The data cache's part of ``nexfs stats``: blocks small reads found in memory
         (hits) and did not (misses: read from the device, by a blocking read that fills the
         cache or by a read in flight that does not), blocks of large reads that never look
-        (bypassed), and its size."""
+        (bypassed), and its size; and the requests the short path served whole (one call
+        into C: nexfs/store/datacache.py)."""
         c = self._cache
         return {"hits": c.hits, "misses": c.misses, "bypassed": c.bypassed, "blocks": len(c),
-                "capacity": c.capacity, "dirty": c.dirty_count}
+                "capacity": c.capacity, "dirty": c.dirty_count,
+                "short_reads": c.short_reads, "short_writes": c.short_writes}
 
     @property
     def pending(self) -> bool:
@@ -159,6 +161,39 @@ class DataPath:
         self._ready_to_read(blkno, count)
         return [(blkno + i, j - i, into[i * BLOCK_SIZE : j * BLOCK_SIZE])
                 for i, j in self._cache.read_cached(blkno, count, into)]
+
+    # -- the short path (nexfs/store/datacache.py, native/hotpath.c) -------------------------
+
+    @staticmethod
+    def pack(runs: list[tuple[int, int, int]]) -> Extents:
+        """A file's extents ``(lblk, phys, n)``, ascending, packed for the short path."""
+        return DataCache.pack(runs)
+
+    def read_hot(self, extents: Extents, lblk: int, count: int, lo: int,
+                 length: int) -> memoryview | None:
+        """A read whose blocks are all mapped and in the data cache, in one call into C:
+        bytes ``lo..lo+length`` of logical blocks ``lblk..+count``, as a view that stays
+        valid until the next short read (the reply, sent before any other request runs);
+        None when anything is not a hit (nothing changed: take :meth:`read`).  No range
+        check or write-behind wait is needed: a cached block was range-checked when it
+        went in, and a block under a write-behind write is never cached (a large write
+        drops the cached copies first, a small one waits for it)."""
+        return self._cache.read_hot(extents, lblk, count, lo, length)
+
+    def write_hot(self, extents: Extents, lblk: int, count: int, data: Any) -> bool:
+        """A small overwrite of mapped blocks into the data cache, in one call into C, when
+        it needs nothing else: no write-behind write in flight or failed (else the wait
+        of :meth:`write`), every block in the data area (else the corruption of
+        :meth:`write`), no flush.  True: done, as :meth:`write` would have; False: nothing
+        changed, take :meth:`write`."""
+        if not self._wb.quiet():
+            return False
+        self._check_writable()
+        g = self.geo
+        if not self._cache.write_hot(extents, lblk, count, data, g.data_start, g.backup_sb):
+            return False
+        self.unsynced = True
+        return True
 
     def caches(self, count: int) -> bool:
         """Whether a write of ``count`` blocks goes into the data cache (then ``data`` may

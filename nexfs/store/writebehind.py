@@ -133,6 +133,11 @@ class WriteBehind:
             self._cond.notify_all()
         return True
 
+    def quiet(self) -> bool:
+        """Nothing in flight and no failed write to report: :meth:`wait_overlapping` would
+        return at once (the data cache's short path checks this instead)."""
+        return not self._inflight and not self._failed
+
     def busy(self) -> bool:
         return self._inflight > 0
 

@@ -86,6 +86,9 @@ def _rest(doc: dict[str, Any]) -> list[str]:
         lines.append(f"{name} cache: hit rate {_pct(cache.get('hit_rate'))} "
                      f"({cache.get('hits', 0):,} hits, {cache.get('misses', 0):,} misses), "
                      f"{cache.get('blocks', 0):,} of {cache.get('capacity', 0):,} blocks")
+        if "short_reads" in cache:  # the data cache's short path (one call into C)
+            lines[-1] += (f"; short path: {cache['short_reads']:,} reads, "
+                          f"{cache.get('short_writes', 0):,} writes")
     valve = doc.get("valve")
     if valve:
         lines.append(f"valve: {valve['reads']:,} reads ({valve['bytes_read'] / 2**20:,.1f} MiB), "
