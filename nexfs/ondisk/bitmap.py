@@ -256,6 +256,12 @@ class Bitmap:
         self.pending_count = 0
         self._last_tail: int | None = None
         self._index: MaxIndex | None = None  # built at the first search
+        # The decoders handed to store.get, built once: a lambda and two f-strings per
+        # lookup were most of a cache hit's cost (several hits per allocation and free).
+        self._summary_name = f"{name} summary"
+        self._bitmap_name = f"{name} bitmap"
+        self._decode_summary_at = self._decode_summary
+        self._decode_group_at = self._decode_group
 
     # -- geometry ----------------------------------------------------------------------------
 
@@ -274,13 +280,14 @@ class Bitmap:
     # -- summary -----------------------------------------------------------------------------
 
     def _summary(self, s: int) -> SummaryBlock:
+        return self.store.get(BlockNo(self.summary_start + s), self._decode_summary_at)
+
+    def _decode_summary(self, b: BlockNo, raw: memoryview) -> SummaryBlock:
+        s = b - self.summary_start
         nvalid = min(SUMMARY_ENTRIES, self.ngroups - s * SUMMARY_ENTRIES)
-        seed = self.store.volume_seed
-        magic, name = self.summary_magic, f"{self.name} summary"
-        return self.store.get(
-            BlockNo(self.summary_start + s),
-            lambda b, raw: SummaryBlock.decode(b, raw, magic=magic, index=s, seed=seed,
-                                               nvalid=nvalid, structure=name))
+        return SummaryBlock.decode(b, raw, magic=self.summary_magic, index=s,
+                                   seed=self.store.volume_seed, nvalid=nvalid,
+                                   structure=self._summary_name)
 
     def summary_entry(self, g: int) -> int:
         s, i = divmod(g, SUMMARY_ENTRIES)
@@ -374,13 +381,15 @@ class Bitmap:
             self.store.put_new(blk)
             self._set_summary(g, entry & COUNT_MASK)
             return blk
-        seed, magic, tail = self.store.volume_seed, self.magic, self.tail_mask(g)
-        name = f"{self.name} bitmap"
-        expect = entry & COUNT_MASK
-        return self.store.get(
-            blkno,
-            lambda b, raw: BitmapBlock.decode(b, raw, magic=magic, group=g, seed=seed,
-                                              tail=tail, expect_free=expect, structure=name))
+        return self.store.get(blkno, self._decode_group_at)
+
+    def _decode_group(self, b: BlockNo, raw: memoryview) -> BitmapBlock:
+        # (On a miss only: the summary entry read again is the one the caller holds.)
+        g = b - self.bitmap_start
+        return BitmapBlock.decode(b, raw, magic=self.magic, group=g,
+                                  seed=self.store.volume_seed, tail=self.tail_mask(g),
+                                  expect_free=self.summary_entry(g) & COUNT_MASK,
+                                  structure=self._bitmap_name)
 
     def read_ahead(self, g_lo: int, g_hi: int) -> None:
         """Bring the bitmap blocks of groups g_lo..g_hi-1 into the cache with few reads (256

@@ -494,12 +494,17 @@ class Store:
         elif blkno not in self._running:
             self._join(_Restamped(blkno, bytes(self._read_raw(blkno))))
 
-    @_guarded
     def get(self, blkno: BlockNo, decode: Callable[[BlockNo, memoryview], M]) -> M:
         """Cached decoded block, or read + decode (which validates) + cache it."""
+        # A hit cannot fail, so it skips the failure boundary's wrapper (~20 hits per
+        # created and deleted file, ~0.3 us each); only a miss reads and decodes.
         blk = self._cache.lookup(blkno)
         if blk is not None:
-            return cast(M, blk)
+            return blk  # type: ignore[return-value]
+        return self._get_miss(blkno, decode)
+
+    @_guarded
+    def _get_miss(self, blkno: BlockNo, decode: Callable[[BlockNo, memoryview], M]) -> M:
         self._check_meta(blkno, "metadata block")
         new = decode(blkno, self._read_raw(blkno))
         self._cache.insert(new)
@@ -563,6 +568,12 @@ class Store:
     def dirty(self, block: MetaBlock) -> None:
         """The block changed in memory: it is written with the running transaction."""
         self.check_writable()
+        if self._running.get(block.blkno) is block:
+            # Already in the transaction (checked, cached and pinned when it joined): the
+            # common case, several times per operation (the state block, a bitmap, its
+            # summary).  Leaving the transaction (commit, free_meta, failure) drops it here.
+            self._changes += 1
+            return
         if block.blkno == STATE_BLOCK:
             if block is not self._state:
                 raise ValueError("dirty(): not the store's state block object")
