@@ -492,6 +492,34 @@ class Bitmap:
         else:
             self._index_add(g, n)  # (deferred: free and pending alike, allocatable unchanged)
 
+    def take(self, goal: int, want: int) -> tuple[int, int] | None:
+        """:meth:`find` then :meth:`set_range` of the run found: ``(start, n)`` now used, or
+        None (nothing changed).  The common case, the goal itself free in a group already
+        in use (a file's next block, the data hint), looks up the group's summary and
+        bitmap blocks once where find and set_range looked up each twice."""
+        if want < 1:
+            raise ValueError(f"{self.name}: bad count {want}")
+        goal = min(max(goal, self.first_item), self.nitems - 1)
+        g0, off0 = divmod(goal, BPB)
+        if off0 + want <= BPB and goal + want <= self.nitems:
+            s, si = divmod(g0, SUMMARY_ENTRIES)
+            summary = self._summary(s)
+            entry = summary.entries[si]
+            if not entry & UNINIT:
+                blk = self._group_at(g0, entry, create=False)
+                mask = range_mask(off0, want)
+                if blk is not None and not (blk.bits | self._pending_mask(g0)) & mask:
+                    blk.bits ^= mask  # (all clear: ^ sets them)
+                    self.store.dirty(blk)
+                    summary.entries[si] = (entry & COUNT_MASK) - want
+                    self.store.dirty(summary)
+                    self._index_add(g0, -want)
+                    return goal, want
+        run = self.find(goal, want)
+        if run is not None:
+            self.set_range(*run)
+        return run
+
     def find(self, goal: int, want: int) -> tuple[int, int] | None:
         """First fit from ``goal`` (wrapping): ``(start, n)`` with 1 <= n <= want, preferring a
         run of the whole ``want`` (bounded search), else the first free run seen.  A run never

@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from nexfs.ondisk import checksum
 from nexfs.ondisk.bitmap import BPB, Bitmap
@@ -862,17 +862,16 @@ class Store:
 
     def _alloc_run(self, goal: int, want: int) -> tuple[int, int]:
         self._draw(want, 0)
-        run = self.blocks.find(goal, want)
+        run = self.blocks.take(goal, want)
         if run is None and self.blocks.pending:
             # Mid-operation: committed frees can be released by a checkpoint.  Encoded
             # copies in the cache may hold this operation's not-yet-dirtied changes, so this
             # checkpoint copies images from the journal only.
             self._checkpoint(from_journal=True)
-            run = self.blocks.find(goal, want)
+            run = self.blocks.take(goal, want)
         if run is None:
             raise FsError(errno.ENOSPC, "no space left on device")
-        start, n = run
-        self.blocks.set_range(start, n)
+        n = run[1]
         self.state.free_blocks -= n
         self._dirty_state()
         if self._op is not None:
