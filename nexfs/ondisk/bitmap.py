@@ -492,10 +492,15 @@ class Bitmap:
         else:
             self._index_add(g, n)  # (deferred: free and pending alike, allocatable unchanged)
 
-    def take(self, goal: int, want: int) -> tuple[int, int] | None:
+    def take(self, goal: int, want: int,
+             before: Callable[[int], None] | None = None) -> tuple[int, int] | None:
         """:meth:`find` then :meth:`set_range` of the run found: ``(start, n)`` now used, or
-        None (nothing changed).  The common case, the goal itself free in a group already
-        in use (a file's next block, the data hint), looks up the group's summary and
+        None (nothing changed).  ``before(start)`` is called in between (the inode
+        allocator zeroes the table slot while the bitmap still shows it free).
+
+        The common cases, the goal itself free in a group already in use (a file's next
+        block, the data hint) or, for one item, the first free one after a taken goal in
+        its group (a new inode near its parent's number), look up the group's summary and
         bitmap blocks once where find and set_range looked up each twice."""
         if want < 1:
             raise ValueError(f"{self.name}: bad count {want}")
@@ -505,18 +510,31 @@ class Bitmap:
             s, si = divmod(g0, SUMMARY_ENTRIES)
             summary = self._summary(s)
             entry = summary.entries[si]
-            if not entry & UNINIT:
-                blk = self._group_at(g0, entry, create=False)
+            blk = None if entry & UNINIT else self._group_at(g0, entry, create=False)
+            if blk is not None:
+                used = blk.bits | self._pending_mask(g0)
                 mask = range_mask(off0, want)
-                if blk is not None and not (blk.bits | self._pending_mask(g0)) & mask:
+                start = goal
+                if used & mask and want == 1:
+                    # As find does: the lowest clear bit after the goal (the tail bits are
+                    # set, so a position past the group's items means none here).
+                    u = used >> off0
+                    pos = off0 + (~u & (u + 1)).bit_length() - 1
+                    if pos < BPB:
+                        start, mask = g0 * BPB + pos, 1 << pos
+                if not used & mask:
+                    if before is not None:
+                        before(start)
                     blk.bits ^= mask  # (all clear: ^ sets them)
                     self.store.dirty(blk)
                     summary.entries[si] = (entry & COUNT_MASK) - want
                     self.store.dirty(summary)
                     self._index_add(g0, -want)
-                    return goal, want
+                    return start, want
         run = self.find(goal, want)
         if run is not None:
+            if before is not None:
+                before(run[0])
             self.set_range(*run)
         return run
 

@@ -952,12 +952,13 @@ class Store:
         self.check_writable()
         self._draw(0, 1)
         goal = goal_hint or self.state.inode_hint or 1
-        run = self.inodes.find(goal, 1)
-        if run is None or self.state.free_inodes < 1:
+        if self.state.free_inodes < 1:
+            raise FsError(errno.ENOSPC, "no free inodes")
+        # The slot is zeroed before the bit is set: its block may be all-free.
+        run = self.inodes.take(goal, 1, before=self._clear_inode_slot)
+        if run is None:
             raise FsError(errno.ENOSPC, "no free inodes")
         ino = InodeNo(run[0])
-        self.itable.clear_slot(ino)  # before setting the bit: its block may be all-free
-        self.inodes.set_range(ino, 1)
         st = self.state
         st.free_inodes -= 1
         st.inode_hint = ino + 1 if ino < self.geo.ninodes else 1
@@ -965,6 +966,9 @@ class Store:
         if self._op is not None:
             self._op.inodes -= 1
         return ino
+
+    def _clear_inode_slot(self, ino: int) -> None:
+        self.itable.clear_slot(InodeNo(ino))
 
     @_guarded
     def free_inode(self, ino: InodeNo) -> None:
