@@ -187,17 +187,25 @@ class FileData:
         first = offset // BLOCK_SIZE
         last = (end - 1) // BLOCK_SIZE
         nblocks = last - first + 1
-        view = self.store.data.buffer(nblocks * BLOCK_SIZE)
         lo = offset - first * BLOCK_SIZE
         hi = lo + length
-        # Partial first and last blocks keep the bytes around the write; read them before
-        # any hole is filled (a hole reads as zeros, a fresh block holds stale data).
-        if lo:
-            self._load_block(first, view[:BLOCK_SIZE])
-        if hi % BLOCK_SIZE and (last != first or not lo):
-            tail = (nblocks - 1) * BLOCK_SIZE
-            self._load_block(last, view[tail : tail + BLOCK_SIZE])
-        view[lo:hi] = data
+        if not lo and not hi % BLOCK_SIZE and self.store.data.caches(nblocks):
+            # Whole blocks into the data cache, which copies them (a new small file's first
+            # write): nothing around the write to read, so the data goes as it came, without
+            # the scratch buffer's copy.  (Larger writes leave from a scratch buffer on the
+            # write-behind thread.)
+            view = memoryview(data).cast("B")
+        else:
+            view = self.store.data.buffer(nblocks * BLOCK_SIZE)
+            # Partial first and last blocks keep the bytes around the write; read them
+            # before any hole is filled (a hole reads as zeros, a fresh block holds stale
+            # data).
+            if lo:
+                self._load_block(first, view[:BLOCK_SIZE])
+            if hi % BLOCK_SIZE and (last != first or not lo):
+                tail = (nblocks - 1) * BLOCK_SIZE
+                self._load_block(last, view[tail : tail + BLOCK_SIZE])
+            view[lo:hi] = data
         runs = self.emap.map(first, nblocks)
         holes = sum(n for _l, p, n in runs if p == 0)
         if holes:

@@ -256,6 +256,12 @@ class Bitmap:
         self.pending_count = 0
         self._last_tail: int | None = None
         self._index: MaxIndex | None = None  # built at the first search
+        # The decoders handed to store.get, built once: a lambda and two f-strings per
+        # lookup were most of a cache hit's cost (several hits per allocation and free).
+        self._summary_name = f"{name} summary"
+        self._bitmap_name = f"{name} bitmap"
+        self._decode_summary_at = self._decode_summary
+        self._decode_group_at = self._decode_group
 
     # -- geometry ----------------------------------------------------------------------------
 
@@ -274,13 +280,14 @@ class Bitmap:
     # -- summary -----------------------------------------------------------------------------
 
     def _summary(self, s: int) -> SummaryBlock:
+        return self.store.get(BlockNo(self.summary_start + s), self._decode_summary_at)
+
+    def _decode_summary(self, b: BlockNo, raw: memoryview) -> SummaryBlock:
+        s = b - self.summary_start
         nvalid = min(SUMMARY_ENTRIES, self.ngroups - s * SUMMARY_ENTRIES)
-        seed = self.store.volume_seed
-        magic, name = self.summary_magic, f"{self.name} summary"
-        return self.store.get(
-            BlockNo(self.summary_start + s),
-            lambda b, raw: SummaryBlock.decode(b, raw, magic=magic, index=s, seed=seed,
-                                               nvalid=nvalid, structure=name))
+        return SummaryBlock.decode(b, raw, magic=self.summary_magic, index=s,
+                                   seed=self.store.volume_seed, nvalid=nvalid,
+                                   structure=self._summary_name)
 
     def summary_entry(self, g: int) -> int:
         s, i = divmod(g, SUMMARY_ENTRIES)
@@ -374,13 +381,15 @@ class Bitmap:
             self.store.put_new(blk)
             self._set_summary(g, entry & COUNT_MASK)
             return blk
-        seed, magic, tail = self.store.volume_seed, self.magic, self.tail_mask(g)
-        name = f"{self.name} bitmap"
-        expect = entry & COUNT_MASK
-        return self.store.get(
-            blkno,
-            lambda b, raw: BitmapBlock.decode(b, raw, magic=magic, group=g, seed=seed,
-                                              tail=tail, expect_free=expect, structure=name))
+        return self.store.get(blkno, self._decode_group_at)
+
+    def _decode_group(self, b: BlockNo, raw: memoryview) -> BitmapBlock:
+        # (On a miss only: the summary entry read again is the one the caller holds.)
+        g = b - self.bitmap_start
+        return BitmapBlock.decode(b, raw, magic=self.magic, group=g,
+                                  seed=self.store.volume_seed, tail=self.tail_mask(g),
+                                  expect_free=self.summary_entry(g) & COUNT_MASK,
+                                  structure=self._bitmap_name)
 
     def read_ahead(self, g_lo: int, g_hi: int) -> None:
         """Bring the bitmap blocks of groups g_lo..g_hi-1 into the cache with few reads (256
@@ -482,6 +491,52 @@ class Bitmap:
             self.pending_count += n
         else:
             self._index_add(g, n)  # (deferred: free and pending alike, allocatable unchanged)
+
+    def take(self, goal: int, want: int,
+             before: Callable[[int], None] | None = None) -> tuple[int, int] | None:
+        """:meth:`find` then :meth:`set_range` of the run found: ``(start, n)`` now used, or
+        None (nothing changed).  ``before(start)`` is called in between (the inode
+        allocator zeroes the table slot while the bitmap still shows it free).
+
+        The common cases, the goal itself free in a group already in use (a file's next
+        block, the data hint) or, for one item, the first free one after a taken goal in
+        its group (a new inode near its parent's number), look up the group's summary and
+        bitmap blocks once where find and set_range looked up each twice."""
+        if want < 1:
+            raise ValueError(f"{self.name}: bad count {want}")
+        goal = min(max(goal, self.first_item), self.nitems - 1)
+        g0, off0 = divmod(goal, BPB)
+        if off0 + want <= BPB and goal + want <= self.nitems:
+            s, si = divmod(g0, SUMMARY_ENTRIES)
+            summary = self._summary(s)
+            entry = summary.entries[si]
+            blk = None if entry & UNINIT else self._group_at(g0, entry, create=False)
+            if blk is not None:
+                used = blk.bits | self._pending_mask(g0)
+                mask = range_mask(off0, want)
+                start = goal
+                if used & mask and want == 1:
+                    # As find does: the lowest clear bit after the goal (the tail bits are
+                    # set, so a position past the group's items means none here).
+                    u = used >> off0
+                    pos = off0 + (~u & (u + 1)).bit_length() - 1
+                    if pos < BPB:
+                        start, mask = g0 * BPB + pos, 1 << pos
+                if not used & mask:
+                    if before is not None:
+                        before(start)
+                    blk.bits ^= mask  # (all clear: ^ sets them)
+                    self.store.dirty(blk)
+                    summary.entries[si] = (entry & COUNT_MASK) - want
+                    self.store.dirty(summary)
+                    self._index_add(g0, -want)
+                    return start, want
+        run = self.find(goal, want)
+        if run is not None:
+            if before is not None:
+                before(run[0])
+            self.set_range(*run)
+        return run
 
     def find(self, goal: int, want: int) -> tuple[int, int] | None:
         """First fit from ``goal`` (wrapping): ``(start, n)`` with 1 <= n <= want, preferring a

@@ -458,6 +458,31 @@ class BTree:
             self._rebalance(nodes, idxs)
         return old
 
+    def delete_first_if(self, lo: int, hi: int, at: int, tail: bytes) -> tuple[int, bytes] | None:
+        """Remove the first entry of [lo, hi) if its value from byte ``at`` on is ``tail``,
+        in one descent, and return it as (key, value); otherwise (no entry in the range
+        here, or the first one is another) change nothing and return None.
+
+        The directory index removes a name with it: nearly always the first (only) entry
+        of its hash class, found and removed where a search and a delete took two descents.
+        """
+        if self.root == 0:
+            return None
+        nodes, idxs, _, _ = self._descend(lo)
+        leaf = nodes[-1]
+        keys = leaf.keys
+        i = bisect_left(keys, lo)
+        if i == len(keys) or keys[i] >= hi or leaf.vals[i][at:] != tail:
+            return None  # (a range that starts in the next leaf: the caller's long way)
+        key = keys[i]
+        del keys[i]
+        old = leaf.vals.pop(i)
+        leaf.used -= LEAF_ENTRY_OVERHEAD + len(old)
+        self.store.dirty(leaf)
+        if leaf.used < _MERGE_BELOW:
+            self._rebalance(nodes, idxs)
+        return key, old
+
     def _split_path(self, nodes: list[Node], idxs: list[int], pos: int) -> None:
         """Split the overflowing leaf, then every ancestor that overflows in turn.
 

@@ -159,7 +159,16 @@ class DirIndex:
 
     def remove(self, name: bytes) -> tuple[int, int]:
         """Remove an entry (FsError(ENOENT) if absent); returns its (ino, dtype)."""
-        key = self._find(name)[0] if self._tree.root != 0 else None
+        if self._tree.root == 0:
+            raise FsError(errno.ENOENT)
+        base = self._h(name) << SEQ_BITS
+        # Nearly always the name is the first of its hash class: found and removed in one
+        # descent.  Else (a collision, or absent) the search below.
+        hit = self._tree.delete_first_if(base, base + _SEQ_LIMIT, ENTRY_HEADER.size, name)
+        if hit is not None:
+            ino, dtype, _ = ENTRY_HEADER.unpack_from(hit[1], 0)
+            return ino, dtype
+        key = self._find(name)[0]
         if key is None:
             raise FsError(errno.ENOENT)
         ino, dtype, _ = ENTRY_HEADER.unpack_from(self._tree.delete(key), 0)

@@ -39,6 +39,7 @@ EXTENT = struct.Struct("<IIQ")
 TREE_VALUE = struct.Struct("<IQ")
 """Extent as a B+tree value (the key is the logical start): length u32, physical u64."""
 INLINE_MAX: Final = (AREA_SIZE - AREA_HEADER.size) // EXTENT.size  # 7
+_ZERO_AREA: Final = memoryview(bytes(AREA_SIZE))  # sliced without a copy
 INLINE_BACK: Final = 5
 MODE_INLINE: Final = 0
 MODE_TREE: Final = 1
@@ -143,17 +144,18 @@ class ExtentMap:
     def _save(self) -> None:
         """Write the header and the inline records back into the area, then notify."""
         area = self.area
+        # (The zeros after the records come from one constant: no new bytes per change.)
         if self._tree is not None:
             self._nodes += self._tree.take_node_delta()
             AREA_HEADER.pack_into(area, 0, MODE_TREE, 0, 0, self._nodes, self._tree.root)
-            area[AREA_HEADER.size:] = bytes(AREA_SIZE - AREA_HEADER.size)
+            area[AREA_HEADER.size:] = _ZERO_AREA[AREA_HEADER.size:]
         else:
             AREA_HEADER.pack_into(area, 0, MODE_INLINE, len(self._rec), 0, 0, 0)
             pos = AREA_HEADER.size
             for lb, p, n in self._rec:
                 EXTENT.pack_into(area, pos, lb, n, p)
                 pos += EXTENT.size
-            area[pos:] = bytes(AREA_SIZE - pos)
+            area[pos:] = _ZERO_AREA[pos:]
         self.changes += 1
         self.on_change()
 

@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from nexfs.ondisk import checksum
 from nexfs.ondisk.bitmap import BPB, Bitmap
@@ -494,12 +494,17 @@ class Store:
         elif blkno not in self._running:
             self._join(_Restamped(blkno, bytes(self._read_raw(blkno))))
 
-    @_guarded
     def get(self, blkno: BlockNo, decode: Callable[[BlockNo, memoryview], M]) -> M:
         """Cached decoded block, or read + decode (which validates) + cache it."""
+        # A hit cannot fail, so it skips the failure boundary's wrapper (~20 hits per
+        # created and deleted file, ~0.3 us each); only a miss reads and decodes.
         blk = self._cache.lookup(blkno)
         if blk is not None:
-            return cast(M, blk)
+            return blk  # type: ignore[return-value]
+        return self._get_miss(blkno, decode)
+
+    @_guarded
+    def _get_miss(self, blkno: BlockNo, decode: Callable[[BlockNo, memoryview], M]) -> M:
         self._check_meta(blkno, "metadata block")
         new = decode(blkno, self._read_raw(blkno))
         self._cache.insert(new)
@@ -563,6 +568,12 @@ class Store:
     def dirty(self, block: MetaBlock) -> None:
         """The block changed in memory: it is written with the running transaction."""
         self.check_writable()
+        if self._running.get(block.blkno) is block:
+            # Already in the transaction (checked, cached and pinned when it joined): the
+            # common case, several times per operation (the state block, a bitmap, its
+            # summary).  Leaving the transaction (commit, free_meta, failure) drops it here.
+            self._changes += 1
+            return
         if block.blkno == STATE_BLOCK:
             if block is not self._state:
                 raise ValueError("dirty(): not the store's state block object")
@@ -851,17 +862,16 @@ class Store:
 
     def _alloc_run(self, goal: int, want: int) -> tuple[int, int]:
         self._draw(want, 0)
-        run = self.blocks.find(goal, want)
+        run = self.blocks.take(goal, want)
         if run is None and self.blocks.pending:
             # Mid-operation: committed frees can be released by a checkpoint.  Encoded
             # copies in the cache may hold this operation's not-yet-dirtied changes, so this
             # checkpoint copies images from the journal only.
             self._checkpoint(from_journal=True)
-            run = self.blocks.find(goal, want)
+            run = self.blocks.take(goal, want)
         if run is None:
             raise FsError(errno.ENOSPC, "no space left on device")
-        start, n = run
-        self.blocks.set_range(start, n)
+        n = run[1]
         self.state.free_blocks -= n
         self._dirty_state()
         if self._op is not None:
@@ -942,12 +952,13 @@ class Store:
         self.check_writable()
         self._draw(0, 1)
         goal = goal_hint or self.state.inode_hint or 1
-        run = self.inodes.find(goal, 1)
-        if run is None or self.state.free_inodes < 1:
+        if self.state.free_inodes < 1:
+            raise FsError(errno.ENOSPC, "no free inodes")
+        # The slot is zeroed before the bit is set: its block may be all-free.
+        run = self.inodes.take(goal, 1, before=self._clear_inode_slot)
+        if run is None:
             raise FsError(errno.ENOSPC, "no free inodes")
         ino = InodeNo(run[0])
-        self.itable.clear_slot(ino)  # before setting the bit: its block may be all-free
-        self.inodes.set_range(ino, 1)
         st = self.state
         st.free_inodes -= 1
         st.inode_hint = ino + 1 if ino < self.geo.ninodes else 1
@@ -955,6 +966,9 @@ class Store:
         if self._op is not None:
             self._op.inodes -= 1
         return ino
+
+    def _clear_inode_slot(self, ino: int) -> None:
+        self.itable.clear_slot(InodeNo(ino))
 
     @_guarded
     def free_inode(self, ino: InodeNo) -> None:
