@@ -27,8 +27,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from mount_ab import lay_down, wait_mounted  # bench/, this script's directory
 
 HERE = Path(__file__).resolve().parent
 BUCKETS = ("adapter", "fs+filedata", "extents", "datacache", "datapath", "valve+cffi",
@@ -77,11 +78,6 @@ def _stats(mnt: Path) -> dict:
     return json.loads(os.getxattr(mnt, "user.nexfs.stats"))
 
 
-def _mounted(mnt: Path) -> bool:
-    with open("/proc/mounts", encoding="utf-8") as f:
-        return any(line.split()[1] == str(mnt) for line in f)
-
-
 def one(tree: Path, work: Path, size: str, runtime: float, jobs: list[str], rate: int,
         native: bool, warm: bool, keep: Path | None = None) -> dict[str, dict]:
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
@@ -96,21 +92,8 @@ def one(tree: Path, work: Path, size: str, runtime: float, jobs: list[str], rate
                                 env=env, stdout=logf, stderr=subprocess.STDOUT)
     out: dict[str, dict] = {}
     try:
-        deadline = time.monotonic() + 30
-        while not _mounted(mnt):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mount failed: " + (work / "mount.log").read_text()[-2000:])
-            time.sleep(0.05)
-        data = mnt / "fio-bench.dat"
-        subprocess.run(["fio", "--name=fill", f"--filename={data}", f"--size={size}",
-                        "--rw=write", "--bs=1m", "--direct=1", "--ioengine=psync",
-                        "--end_fsync=1"], check=True, capture_output=True)
-        if warm:
-            # The 1 MiB writes bypassed the data cache: read the file once in 4 KiB requests
-            # so that a file smaller than the cache is all in it (the "hot" case).
-            subprocess.run(["fio", "--name=warm", f"--filename={data}", f"--size={size}",
-                            "--rw=read", "--bs=4k", "--direct=1", "--ioengine=psync"],
-                           check=True, capture_output=True)
+        wait_mounted(proc, mnt, work / "mount.log")
+        data = lay_down(mnt, size, warm)
         for job in jobs:
             op = "read" if "read" in job else "write"
             before_s = _stats(mnt)["ops"].get(op, {"count": 0, "mean_us": 0})

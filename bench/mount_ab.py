@@ -51,6 +51,32 @@ def _mounted(mnt: Path) -> bool:
         return any(line.split()[1] == str(mnt) for line in f)
 
 
+def wait_mounted(proc: subprocess.Popen[bytes], mnt: Path, log: Path) -> None:
+    """Wait (30 s at most) until the daemon ``proc`` has mounted ``mnt``; ``log`` is its
+    output, quoted when it fails."""
+    deadline = time.monotonic() + 30
+    while not _mounted(mnt):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"mount failed: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+
+
+def lay_down(mnt: Path, size: str, warm: bool) -> Path:
+    """Write the benchmark file on the mount ``mnt`` with 1 MiB O_DIRECT writes; ``warm``:
+    then read it once in 4 KiB requests.  Returns its path."""
+    data = mnt / "fio-bench.dat"
+    subprocess.run(["fio", "--name=fill", f"--filename={data}", f"--size={size}",
+                    "--rw=write", "--bs=1m", "--direct=1", "--ioengine=psync",
+                    "--end_fsync=1"], check=True, capture_output=True)
+    if warm:
+        # The 1 MiB writes bypass the data cache: one pass of 4 KiB reads puts a file
+        # smaller than the cache in it (the "hot" figures).
+        subprocess.run(["fio", "--name=warm", f"--filename={data}", f"--size={size}",
+                        "--rw=read", "--bs=4k", "--direct=1", "--ioengine=psync"],
+                       check=True, capture_output=True)
+    return data
+
+
 def _fio(job: str, filename: Path, size: str, runtime: float) -> float:
     env = dict(os.environ, SIZE=size, RUNTIME=str(runtime))
     out = subprocess.run(
@@ -98,21 +124,8 @@ def _measure(tree: Path, volume: str, mnt: Path, log: Path, size: str, runtime: 
         proc = subprocess.Popen([py, str(tree / "mount.py"), volume, str(mnt), "--foreground"],
                                 env=_env(tree), stdout=logf, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while not _mounted(mnt):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mount failed: {log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        data = mnt / "fio-bench.dat"
-        subprocess.run(["fio", "--name=fill", f"--filename={data}", f"--size={size}",
-                        "--rw=write", "--bs=1m", "--direct=1", "--ioengine=psync",
-                        "--end_fsync=1"], check=True, capture_output=True)
-        if warm:
-            # The 1 MiB writes bypass the data cache: one pass of 4 KiB reads puts a file
-            # smaller than the cache in it (the "hot" figures).
-            subprocess.run(["fio", "--name=warm", f"--filename={data}", f"--size={size}",
-                            "--rw=read", "--bs=4k", "--direct=1", "--ioengine=psync"],
-                           check=True, capture_output=True)
+        wait_mounted(proc, mnt, log)
+        data = lay_down(mnt, size, warm)
         return {job: _fio(job, data, size, runtime) for job in jobs}
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)

@@ -450,13 +450,7 @@ class BTree:
         i = bisect_left(keys, key)
         if i == len(keys) or keys[i] != key:
             raise KeyError(key)
-        del keys[i]
-        old = leaf.vals.pop(i)
-        leaf.used -= LEAF_ENTRY_OVERHEAD + len(old)
-        self.store.dirty(leaf)
-        if leaf.used < _MERGE_BELOW:
-            self._rebalance(nodes, idxs)
-        return old
+        return self._remove_at(nodes, idxs, i)
 
     def delete_first_if(self, lo: int, hi: int, at: int, tail: bytes) -> tuple[int, bytes] | None:
         """Remove the first entry of [lo, hi) if its value from byte ``at`` on is ``tail``,
@@ -475,13 +469,19 @@ class BTree:
         if i == len(keys) or keys[i] >= hi or leaf.vals[i][at:] != tail:
             return None  # (a range that starts in the next leaf: the caller's long way)
         key = keys[i]
-        del keys[i]
+        return key, self._remove_at(nodes, idxs, i)
+
+    def _remove_at(self, nodes: list[Node], idxs: list[int], i: int) -> bytes:
+        """Remove entry ``i`` of the leaf at the end of the descent ``nodes``/``idxs``,
+        rebalancing when the leaf falls below the merge threshold; returns its value."""
+        leaf = nodes[-1]
+        del leaf.keys[i]
         old = leaf.vals.pop(i)
         leaf.used -= LEAF_ENTRY_OVERHEAD + len(old)
         self.store.dirty(leaf)
         if leaf.used < _MERGE_BELOW:
             self._rebalance(nodes, idxs)
-        return key, old
+        return old
 
     def _split_path(self, nodes: list[Node], idxs: list[int], pos: int) -> None:
         """Split the overflowing leaf, then every ancestor that overflows in turn.
