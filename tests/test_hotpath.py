@@ -41,7 +41,7 @@ from nexfs.core.filedata import FileData
 from nexfs.core.fs import ROOT_INO, FileSystem
 from nexfs.ondisk.metablock import BLOCK_SIZE
 from nexfs.store.blockdev import BlockDev
-from nexfs.store.datacache import HOT_BLOCKS, SMALL_MAX, DataCache
+from nexfs.store.datacache import HOT_BLOCKS, SMALL_MAX, DataCache, Extents
 
 T = TypeVar("T")
 LONG = bool(os.environ.get("NEXFS_LONG"))
@@ -132,7 +132,7 @@ def _explore_cache(seed: int, steps: int) -> None:
     m = ModelCache(mbdev, capacity=capacity, dirty_limit=dirty_limit)
     slots = capacity + SMALL_MAX  # the C cache's arena (SLACK)
     extents = _random_extents(rng)
-    packed = c.pack(extents)
+    packed = Extents(extents)
     lo, hi = 1, NBLOCKS - rng.choice((0, 40))
     for step in range(steps):
         where = f"seed {seed} step {step}"
@@ -175,7 +175,7 @@ def _explore_cache(seed: int, steps: int) -> None:
             m.clear()
         elif op < 0.6:
             extents = _random_extents(rng)
-            packed = c.pack(extents)
+            packed = Extents(extents)
         elif op < 0.8:
             lblk = rng.randrange(0, 40)
             n = rng.choice((1, 1, 2, 4, HOT_BLOCKS, HOT_BLOCKS + 1))

@@ -19,13 +19,12 @@ from nexfs.ondisk.bitmap import BPB
 from nexfs.ondisk.extents import MAX_FILE_BLOCKS, ExtentMap
 from nexfs.ondisk.inode_record import Inode
 from nexfs.ondisk.metablock import BLOCK_SIZE
-from nexfs.store.datacache import HOT_BLOCKS
+from nexfs.store.datacache import HOT_BLOCKS, Extents
 from nexfs.store.inflight import BUFFER_BLOCKS, ReadGroup
 from nexfs.types import BlockNo, FsError, InodeNo
 
 if TYPE_CHECKING:
     from nexfs.core.inode_cache import OwnedStore
-    from nexfs.store.datacache import Extents
     from nexfs.store.inflight import DeviceReads
     from nexfs.store.store import Store
 
@@ -66,7 +65,7 @@ class FileData:
             self._refused += 1
             if self._refused < emap.tree_blocks() * PACK_PER_NODE:
                 return None
-        self._packed = self.store.data.pack(list(emap.extents()))
+        self._packed = Extents(list(emap.extents()))
         self._packed_at = emap.changes
         self._refused = 0
         return self._packed

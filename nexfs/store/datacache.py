@@ -72,8 +72,8 @@ _DIRTY = 2  # the dirty bit of a slot's flags (native/hotpath.c)
 
 
 class Extents:
-    """A file's extent runs packed for C (``struct nx_extent``): what the short path maps
-    logical blocks with.  Built by :meth:`DataCache.pack`; the owner rebuilds it after
+    """A file's extent runs ``(lblk, phys, n)``, ascending, packed for C (``struct
+    nx_extent``): what the short path maps logical blocks with.  The owner rebuilds it after
     every change of the extent map (nexfs/core/filedata.py)."""
 
     __slots__ = ("array", "count")
@@ -170,11 +170,6 @@ class DataCache:
             return []
         arr = ffi.new("uint64_t[]", n)
         return list(arr[0 : lib.nx_dc_dirty_list(self._dc, arr, n)])
-
-    @staticmethod
-    def pack(runs: list[tuple[int, int, int]]) -> Extents:
-        """A file's extents ``(lblk, phys, n)``, ascending, packed for the short path."""
-        return Extents(runs)
 
     # -- the short path ------------------------------------------------------------------------
 

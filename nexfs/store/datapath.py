@@ -164,11 +164,6 @@ class DataPath:
 
     # -- the short path (nexfs/store/datacache.py, native/hotpath.c) -------------------------
 
-    @staticmethod
-    def pack(runs: list[tuple[int, int, int]]) -> Extents:
-        """A file's extents ``(lblk, phys, n)``, ascending, packed for the short path."""
-        return DataCache.pack(runs)
-
     def read_hot(self, extents: Extents, lblk: int, count: int, lo: int,
                  length: int) -> memoryview | None:
         """A read whose blocks are all mapped and in the data cache, in one call into C:
