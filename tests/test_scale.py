@@ -472,50 +472,27 @@ def test_allocator_choices_match_the_linear_search(seed: int) -> None:
     dev = MemDevice.of_size(64 * BPB * BLOCK_SIZE)
     Store.format(dev)
     store = Store.open(dev, cache_blocks=4096)
-    real_find = store.blocks.find
-    compared = 0
+    compared = compared_inodes = 0
 
-    def checked_find(goal: int, want: int) -> tuple[int, int] | None:
-        nonlocal compared
-        expect = reference_find(store.blocks, goal, want)
-        got = real_find(goal, want)
-        assert got == expect, (goal, want, got, expect)
-        compared += 1
-        return got
-
-    store.blocks.find = checked_find  # type: ignore[method-assign]
-    real_ifind = store.inodes.find
-    compared_inodes = 0
-
-    def checked_ifind(goal: int, want: int) -> tuple[int, int] | None:
-        nonlocal compared_inodes
-        expect = reference_find(store.inodes, goal, want)
-        got = real_ifind(goal, want)
-        assert got == expect, ("inode", goal, want, got, expect)
-        compared_inodes += 1
-        return got
-
-    store.inodes.find = checked_ifind  # type: ignore[method-assign]
-
-    # The allocators take through Bitmap.take, whose short path does not call find: what
-    # it takes must be what the linear search chooses too.
-    def checked_take(bitmap: Bitmap, real: Callable[..., tuple[int, int] | None]
-                     ) -> Callable[..., tuple[int, int] | None]:
-        def take(goal: int, want: int, before: Callable[[int], None] | None = None
-                 ) -> tuple[int, int] | None:
+    # Every search of both allocators, find and take (Bitmap.take's short path does not
+    # call find): what it chooses must be what the linear search chooses.
+    def checked(bitmap: Bitmap, what: str, real: Callable[..., tuple[int, int] | None]
+                ) -> Callable[..., tuple[int, int] | None]:
+        def search(goal: int, want: int, **kw: Any) -> tuple[int, int] | None:
             nonlocal compared, compared_inodes
             expect = reference_find(bitmap, goal, want)
-            got = real(goal, want, before)
-            assert got == expect, (bitmap.name, "take", goal, want, got, expect)
+            got = real(goal, want, **kw)
+            assert got == expect, (bitmap.name, what, goal, want, got, expect)
             if bitmap is store.inodes:
                 compared_inodes += 1
             else:
                 compared += 1
             return got
-        return take
+        return search
 
-    store.blocks.take = checked_take(store.blocks, store.blocks.take)  # type: ignore[method-assign]
-    store.inodes.take = checked_take(store.inodes, store.inodes.take)  # type: ignore[method-assign]
+    for bitmap in (store.blocks, store.inodes):
+        bitmap.find = checked(bitmap, "find", bitmap.find)  # type: ignore[method-assign]
+        bitmap.take = checked(bitmap, "take", bitmap.take)  # type: ignore[method-assign]
     inodes: list[int] = []
     owned: list[tuple[int, int]] = []
     g = store.geo
